@@ -1,0 +1,43 @@
+# maskpro_ds developer targets. `make help` lists them.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+# CPU torch first and pinned, so nothing resolves a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: help install demo test test-slow test-all lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q $(TORCH_PIN) -e '.[mpi,demo,test]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with CPU torch and every dependency
+
+demo: $(STAMP)  ## the end-to-end job: prepare SmolLM2 + Wikipedia, priors, MaskPro on 2 ranks, export, eval
+	$(PYTHON) tools/demo.py
+
+lint: $(STAMP)  ## ruff over the package, launchers, tools, bench and tests
+	$(BIN)/ruff check maskpro_ds launchers tools bench tests
+
+test: $(STAMP) lint  ## unit + distributed tests (not slow), ~15 min on 2 cores
+	$(BIN)/pytest -m "not slow" -q
+
+test-slow: $(STAMP)  ## the slow checks (70B-shaped shapes, long runs)
+	$(BIN)/pytest -m slow -q
+
+test-all: $(STAMP) lint  ## everything
+	$(BIN)/pytest -q
+
+bench: $(STAMP)  ## every bench script; figures go to bench/results/*.json
+	for f in bench/*.py; do $(PYTHON) $$f || exit 1; done
+
+clean:  ## remove caches (keeps .venv)
+	rm -rf .pytest_cache build *.egg-info
