@@ -1,0 +1,375 @@
+"""The typed configuration tree: dataclass sections, YAML loading, dotted CLI overrides, validation.
+
+A run is described by one :class:`Config` (sections model, data, mask, train, zero, checkpoint,
+metrics, export). It is loaded from YAML (a safe loader), then ``--section.key=value``
+overrides are applied, each type-checked against the field. Unknown keys, wrong types and
+inconsistent values raise ``ValueError`` naming the field and what is allowed. The resolved config
+is dumped into the run directory and loads back identically. ``mask.pattern`` ("2:4") is parsed
+once here into ``mask.n`` / ``mask.m``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from maskpro_ds.masks.nm import parse_pattern
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's base-60 integers, which would read ``pattern: 2:4`` as 124."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def safe_load_yaml(text: str) -> object:
+    """yaml.safe_load semantics (no arbitrary objects), minus base-60 integers."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - _YamlLoader derives from SafeLoader
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hugging Face causal-LM directory (config.json + safetensors). A directory holding only a
+    config.json builds a randomly initialised model under zero.Init (shape tests, 70B-shaped runs)."""
+    dtype: str = "bf16"
+    """Dtype of the frozen base weights and the forward: bf16 | fp16 | fp32. Losses are reduced in fp32."""
+    targets: str = r"\.layers\.\d+\."
+    """Regex a module name must match (re.search) to be a mask target; default: every Linear in a decoder block."""
+    include: list[str] = field(default_factory=list)
+    """Extra regexes; when non-empty a target must also match one of them (e.g. 'mlp')."""
+    exclude: list[str] = field(default_factory=lambda: [r"lm_head"])
+    """Regexes of module names never masked."""
+    init_seed: int = 0
+    """Seed for random initialisation when the directory has no weights (config-only models)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = ""
+    """Calibration text: a .txt (documents separated by blank lines), .json/.jsonl, .parquet file,
+    a directory of them, or a hub dataset name 'name[:config]' (needs network)."""
+    split: str = "train"
+    """Dataset split for hub datasets and json/parquet builders."""
+    text_field: str = "text"
+    """Column holding the text in json/parquet/hub datasets."""
+    max_documents: int = 0
+    """Use only the first K documents (0 = all)."""
+    seqlen: int = 128
+    """Tokens per training sample (the paper uses 128)."""
+    num_samples: int = 512
+    """Number of fixed calibration samples (the paper: 512 C4 documents)."""
+    batch_size: int = 4
+    """Samples per rank per step; every rank draws its own mask for its batch."""
+    cache_dir: str = ".cache/data"
+    """Where tokenised samples are cached (keyed by source, tokenizer and seqlen)."""
+
+
+@dataclass
+class MaskConfig:
+    pattern: str = "2:4"
+    """N:M pattern: N kept in every group of M consecutive weights along the input dim."""
+    prior: str = ""
+    """Mask artifact directory (tools/make_prior.py) giving m0; empty = magnitude prior computed in place."""
+    init_scale: float = 10.0
+    """C in pi0 = C * m0. Controls exploration: C=10 deviates ~1.4e-4 of groups per sample, C=5 ~2e-2."""
+
+    @property
+    def n(self) -> int:
+        return parse_pattern(self.pattern)[0]
+
+    @property
+    def m(self) -> int:
+        return parse_pattern(self.pattern)[1]
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    """Output directory: resolved config, checkpoints, metrics.jsonl, TensorBoard events, plots."""
+    steps: int = 100
+    """Total optimisation steps."""
+    lr: float = 50.0
+    """Policy-gradient step size eta (paper: 50; loss residuals are ~1e-3)."""
+    alpha: float = 0.99
+    """Moving-average factor of the residual tracker delta."""
+    estimator: str = "residual_tracker"
+    """residual_tracker (MaskPro) | residual (no tracker) | vanilla (loss alone; ablation)."""
+    tracker_order: str = "use_then_refresh"
+    """use_then_refresh: advantage r - delta_prev, then refresh (exactly unbiased);
+    refresh_then_use: the reference script's order."""
+    advantage_norm: str = "none"
+    """none: the paper's plain update | rms: divide advantages by their running RMS | clip: clip |a| to advantage_clip."""
+    advantage_clip: float = 0.02
+    """Bound on |advantage| when advantage_norm = clip (loss units)."""
+    seed: int = 0
+    """Seeds the data order and the counter-based mask sampler; same seed + world size = same masks."""
+    baseline: str = "precompute"
+    """precompute: f(m0) per sample id, cached once | online: a second forward with m0 every step."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite-loss steps (skipped on all ranks) before the run stops with a checkpoint."""
+    max_deviation: float = 0.0
+    """Guard: if the fraction of groups whose sample differs from the prior mask exceeds this, halve lr
+    (0 = off)."""
+    max_abs_advantage: float = 0.0
+    """Guard: if |r - delta| on any rank exceeds this, halve lr for the rest of the run (0 = off)."""
+    eval_every: int = 0
+    """Held-out evaluation of the final (top-N) mask every K steps (0 = off); keeps the best checkpoint."""
+    eval_source: str = ""
+    """Held-out text for the periodic evaluation (same source formats as data.source)."""
+    eval_tokens: int = 16384
+    """Held-out tokens per periodic evaluation."""
+    eval_seqlen: int = 512
+    """Window length of the periodic evaluation."""
+
+
+@dataclass
+class ZeroConfig:
+    param_persistence_threshold: int = 100_000
+    """Params with fewer elements are not partitioned (DeepSpeed's stage3_param_persistence_threshold).
+    Tests use 0 so tiny models are really partitioned."""
+    prefetch_bucket_size: int = 50_000_000
+    """stage3_prefetch_bucket_size (elements)."""
+    max_live_parameters: int = 1_000_000_000
+    """stage3_max_live_parameters (elements)."""
+    hpz_partition_size: int = 1
+    """ZeRO++ hierarchical partitioning: secondary copy of the frozen weights within groups of this many
+    ranks (set to GPUs per node on multi-node runs; 1 = off)."""
+    timeout_s: int = 600
+    """Collective timeout: a dead rank fails the job after this many seconds."""
+    backend: str = "auto"
+    """auto (nccl with CUDA, gloo on CPU) | nccl | gloo."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """Save every K steps (and at the end, and when the run stops on a guard)."""
+    keep_last: int = 3
+    """Keep the last K step directories (the best one by eval is kept too)."""
+    resume: bool = False
+    """Continue from <run_dir>/checkpoints/latest (same as the --resume flag)."""
+
+
+@dataclass
+class MetricsConfig:
+    tensorboard: bool = True
+    """Write TensorBoard events to <run_dir>/tb (rank 0)."""
+    jsonl: bool = True
+    """Write one JSON line per logged step to <run_dir>/metrics.jsonl (rank 0)."""
+    log_every: int = 1
+    """Log metrics every K steps."""
+    progress: bool = True
+    """Show a tqdm progress line on rank 0."""
+
+
+@dataclass
+class ExportConfig:
+    formats: str = "hf-dense,mask"
+    """Default formats for tools/export_masks.py: hf-dense, mask, ct-sparse24, logits."""
+    max_shard_size: str = "5GB"
+    """Maximum size of one output safetensors shard."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def validate(self) -> Config:
+        """Cross-field checks; raises ValueError naming the field. Returns self."""
+        parse_pattern(self.mask.pattern)
+        _choice("model.dtype", self.model.dtype, ("bf16", "fp16", "fp32"))
+        _choice("train.estimator", self.train.estimator, ("residual_tracker", "residual", "vanilla"))
+        _choice("train.tracker_order", self.train.tracker_order, ("use_then_refresh", "refresh_then_use"))
+        _choice("train.advantage_norm", self.train.advantage_norm, ("none", "rms", "clip"))
+        _choice("train.baseline", self.train.baseline, ("precompute", "online"))
+        _choice("zero.backend", self.zero.backend, ("auto", "nccl", "gloo"))
+        _positive("data.seqlen", self.data.seqlen)
+        _positive("data.num_samples", self.data.num_samples)
+        _positive("data.batch_size", self.data.batch_size)
+        _positive("mask.init_scale", self.mask.init_scale)
+        _positive("checkpoint.every", self.checkpoint.every)
+        _positive("checkpoint.keep_last", self.checkpoint.keep_last)
+        _positive("metrics.log_every", self.metrics.log_every)
+        _positive("zero.timeout_s", self.zero.timeout_s)
+        _positive("zero.hpz_partition_size", self.zero.hpz_partition_size)
+        if self.train.steps < 0:
+            raise ValueError(f"train.steps must be >= 0, got {self.train.steps}")
+        if not 0.0 <= self.train.alpha < 1.0:
+            raise ValueError(f"train.alpha must be in [0, 1), got {self.train.alpha}")
+        if self.train.lr < 0:
+            raise ValueError(f"train.lr must be >= 0, got {self.train.lr}")
+        if self.train.advantage_norm == "clip" and self.train.advantage_clip <= 0:
+            raise ValueError("train.advantage_clip must be > 0 when train.advantage_norm = clip")
+        if self.train.eval_every and not self.train.eval_source:
+            raise ValueError("train.eval_every > 0 needs train.eval_source (a held-out text file)")
+        if self.data.max_documents < 0:
+            raise ValueError(f"data.max_documents must be >= 0, got {self.data.max_documents}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} = {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _field_types(cls: type) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(where: str, value: object, annotation: object) -> object:
+    """Check ``value`` against a field annotation; ints are accepted for floats (YAML writes 50 not 50.0)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(where, value, option)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"{where}: expected null, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{where}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a path or name that YAML read as a number
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported annotation {annotation!r}")  # internal: a new field type
+
+
+def _apply(config: Config, section: str, key: str, value: object) -> None:
+    if section not in SECTIONS:
+        raise ValueError(f"unknown config section {section!r}; sections are: {', '.join(SECTIONS)}")
+    section_obj = getattr(config, section)
+    types_ = _field_types(type(section_obj))
+    if key not in types_:
+        raise ValueError(f"unknown config key {section}.{key}; keys of {section} are: {', '.join(types_)}")
+    setattr(section_obj, key, _coerce(f"{section}.{key}", value, types_[key]))
+
+
+def from_dict(raw: dict | None) -> Config:
+    """Build a Config from a nested dict (missing keys keep their defaults); validates."""
+    config = Config()
+    if raw is None:
+        return config.validate()
+    if not isinstance(raw, dict):
+        raise ValueError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ValueError(f"unknown config section {section!r}; sections are: {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {type(values).__name__}")
+        for key, value in values.items():
+            _apply(config, section, key, value)
+    return config.validate()
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str, object]]:
+    """``--section.key=value`` (or ``--section.key value``) -> (section, key, parsed value).
+
+    Values are parsed with yaml.safe_load so ``--train.lr=100`` is a number and
+    ``--model.exclude='[lm_head, mlp]'`` a list; strings that YAML reads otherwise stay strings.
+    """
+    out = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ValueError(f"config override {arg!r} must look like --section.key=value")
+        if "=" in arg:
+            name, text = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"config override {arg!r} has no value")
+            name, text = arg[2:], args[i + 1]
+            i += 1
+        section, key = name.split(".", 1)
+        try:
+            value = safe_load_yaml(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        out.append((section, key, value))
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) then overrides; overrides beat the file. Validates the result."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            raw = safe_load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from e
+    config = from_dict(raw)
+    for section, key, value in parse_overrides(overrides or []):
+        _apply(config, section, key, value)
+    return config.validate()

@@ -1,0 +1,10 @@
+"""Evaluation: token perplexity (SparseGPT/Wanda protocol), zero-shot multiple choice, masks on the fly."""
+
+from maskpro_ds.eval.masked_model import apply_mask_artifact, load_causal_lm
+from maskpro_ds.eval.perplexity import PerplexityResult, perplexity
+from maskpro_ds.eval.zeroshot import evaluate_multiple_choice, load_bigbench_task
+
+__all__ = [
+    "PerplexityResult", "apply_mask_artifact", "evaluate_multiple_choice", "load_bigbench_task",
+    "load_causal_lm", "perplexity",
+]

@@ -1,0 +1,200 @@
+"""The streaming export: check everything, then one pass over the base feeding every format.
+
+Order of work (each step can refuse, and nothing is written before the pass starts):
+1. open the mask source (checkpoint manifest + shard headers, or mask artifact) and the base headers;
+2. every masked layer must exist in the base with the recorded shape; the base fingerprint must
+   equal the one the source records (unless the caller opts out);
+3. inside ``atomic_directory(out)``: one pass over the base tensors in file order. An unmasked
+   tensor is copied byte for byte (in the kernel when it can be); a masked weight is processed in
+   row blocks of ``chunk_elements``: the block's mask (and logits) from the source, a strict N:M
+   check, the pruned weights ``torch.where(mask, w, 0)``, then each format writes its slice at its
+   planned offset. Memory is a few blocks, whatever the model size.
+4. each format finishes (index, configs, manifests), ``export.json`` records the run, and with
+   ``verify`` the whole export is re-read and checked before it gets its final name.
+
+Layout: ``out/<format>/`` for every requested format, plus ``out/export.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from maskpro_ds.artifacts import model_fingerprint
+from maskpro_ds.atomic import atomic_directory
+from maskpro_ds.export.base_model import BaseModel
+from maskpro_ds.export.consolidate import CheckpointMasks
+from maskpro_ds.export.ct_sparse24 import CtSparse24Sink, check_pattern
+from maskpro_ds.export.hf_dense import HfDenseSink
+from maskpro_ds.export.logits_format import LOGITS_DTYPES, LogitsSink
+from maskpro_ds.export.mask_format import MaskSink
+from maskpro_ds.export.st_io import Reader, parse_size
+from maskpro_ds.masks.nm import nm_violations
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("hf-dense", "mask", "ct-sparse24", "logits")
+EXPORT_MANIFEST = "export.json"
+EXPORT_FORMAT = "maskpro_ds.export"
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M weights per block: ~100 MB of temporaries, large enough to stream at disk speed
+
+
+def parse_formats(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    formats = []
+    for item in (i.strip() for i in items):
+        if item not in FORMATS:
+            raise ValueError(f"--format: unknown format {item!r}; choose from {', '.join(FORMATS)}")
+        if item not in formats:
+            formats.append(item)
+    if not formats:
+        raise ValueError(f"--format: give at least one of {', '.join(FORMATS)}")
+    return formats
+
+
+def check_fingerprint(base: BaseModel, recorded: str | None, source: str) -> bool:
+    """Refuse a base other than the one the masks were made from; False when nothing was recorded."""
+    if not recorded:
+        log.warning("%s records no base fingerprint; cannot check that --base %s is the right model", source, base.dir)
+        return False
+    actual = model_fingerprint(base.dir)
+    if actual != recorded:
+        raise ValueError(
+            f"--base {base.dir}: fingerprint {actual[:16]}… differs from {recorded[:16]}… recorded in {source}; "
+            "pass the base model the masks were made from (or --no-fingerprint-check if only the file layout changed)")
+    return True
+
+
+def _make_sinks(formats, tmp: Path, base, masked, source, max_shard_bytes, logits_dtype):
+    sinks = []
+    for fmt in formats:
+        if fmt == "hf-dense":
+            sinks.append(HfDenseSink(tmp / fmt, base, masked, max_shard_bytes))
+        elif fmt == "ct-sparse24":
+            sinks.append(CtSparse24Sink(tmp / fmt, base, masked, source.n, source.m, max_shard_bytes))
+        elif fmt == "mask":
+            sinks.append(MaskSink(tmp / fmt, source.shapes, source.n, source.m, source.base_fingerprint, source.meta))
+        else:
+            sinks.append(LogitsSink(tmp / fmt, source.shapes, source.n, source.m, logits_dtype,
+                                    source.base_fingerprint, source.meta, max_shard_bytes))
+    return sinks
+
+
+def _stream(base: BaseModel, source, masked, sinks, chunk_elements: int, progress: bool | None) -> dict:
+    """The single pass; returns per-layer statistics for export.json."""
+    needs_weights = any(s.needs_weights for s in sinks)
+    layer_of = {info.name: layer for layer, info in masked.items()}
+    tensors = base.ordered() if needs_weights else [masked[layer] for layer in source.shapes]
+    stats = {}
+    reader = Reader()
+    bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, unit_divisor=1024,
+               desc="export", disable=None if progress is None else not progress)
+    try:
+        for info in tensors:
+            layer = layer_of.get(info.name)
+            if layer is None:
+                for sink in sinks:
+                    sink.passthrough(info, reader)
+                bar.update(info.nbytes)
+                continue
+            out_f, in_f = info.shape
+            rows = max(1, chunk_elements // in_f)
+            kept = zeros = 0
+            for r0 in range(0, out_f, rows):
+                r1 = min(out_f, r0 + rows)
+                mask, logits = source.rows(layer, r0, r1)
+                bad = nm_violations(mask, source.n, source.m)
+                if bad.numel():
+                    raise ValueError(f"{source.path}: layer {layer} is not strict {source.n}:{source.m} in "
+                                     f"{bad.numel()} groups of rows {r0}..{r1}; refusing to export it")
+                pruned = None
+                if needs_weights:
+                    pruned = torch.where(mask, reader.read_rows(info, r0, r1), 0)
+                    zeros += int((pruned == 0).sum())
+                for sink in sinks:
+                    sink.masked_rows(layer, r0, pruned, mask, logits)
+                kept += int(mask.sum())
+                bar.update((r1 - r0) * info.row_bytes)
+            stats[layer] = {"shape": [out_f, in_f], "kept": kept}
+            if needs_weights:
+                stats[layer]["zeros"] = zeros
+    finally:
+        bar.close()
+        reader.close()
+    return stats
+
+
+def run_export(source, base_dir: str | os.PathLike, out: str | os.PathLike, formats, *, max_shard_size="5GB",
+               force: bool = False, logits_dtype: str = "fp32", fingerprint_check: bool = True,
+               verify: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+               progress: bool | None = None) -> Path:
+    """Export the masks of ``source`` (CheckpointMasks or ArtifactMasks) applied to ``base_dir``."""
+    formats = parse_formats(formats)
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"--out {out} already exists; pass --force to overwrite it, or choose another --out")
+    if "logits" in formats and not source.has_logits:
+        raise ValueError(f"--format logits: {source.path} is a mask artifact and holds no logits; export logits from a checkpoint")
+    if "ct-sparse24" in formats:
+        check_pattern(source.n, source.m)
+    if logits_dtype not in LOGITS_DTYPES:
+        raise ValueError(f"--logits-dtype must be one of {', '.join(LOGITS_DTYPES)}; got {logits_dtype!r}")
+    max_shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
+    base = BaseModel(base_dir)
+    masked = base.check_masked_layers(source.shapes, str(source.path))
+    checked = check_fingerprint(base, source.base_fingerprint, str(source.path)) if fingerprint_check else False
+
+    with atomic_directory(out, force=force) as tmp:
+        sinks = _make_sinks(formats, tmp, base, masked, source, max_shard_bytes, logits_dtype)
+        try:
+            stats = _stream(base, source, masked, sinks, chunk_elements, progress)
+            results = {sink.format: sink.finish() for sink in sinks}
+        except BaseException:
+            for sink in sinks:
+                sink.abort()
+            raise
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "version": 1,
+            "formats": formats,
+            "pattern": f"{source.n}:{source.m}",
+            "source": {"kind": source.kind, "path": str(Path(source.path).resolve()), **source.meta},
+            "base": {"path": str(base.dir.resolve()), "fingerprint": source.base_fingerprint,
+                     "fingerprint_checked": checked},
+            "outputs": results,
+            "layers": stats,
+        }
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if verify:
+            from maskpro_ds.export.verify import verify_export
+
+            report = verify_export(tmp, base_dir=base.dir, fingerprint_check=False, chunk_elements=chunk_elements)
+            if not report.ok:
+                raise ValueError(f"--verify: the export failed its checks; nothing was written to {out}\n{report.summary()}")
+    return out
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, base_dir: str | os.PathLike, out: str | os.PathLike,
+                      formats="hf-dense", **options) -> Path:
+    """Export a training checkpoint (step dir, ``latest`` file, checkpoints/ or run dir)."""
+    source = CheckpointMasks(checkpoint)
+    try:
+        return run_export(source, base_dir, out, formats, **options)
+    finally:
+        source.close()
+
+
+def default_base(checkpoint: str | os.PathLike) -> str:
+    """The base path recorded in a checkpoint manifest, for when --base is not given."""
+    from maskpro_ds.checkpoint_format import MANIFEST, resolve_checkpoint
+
+    step_dir = resolve_checkpoint(checkpoint)
+    recorded = json.loads((step_dir / MANIFEST).read_text()).get("base_model", {}).get("path")
+    if not recorded:
+        raise ValueError(f"{step_dir / MANIFEST} records no base model path; pass --base MODEL_DIR")
+    return recorded

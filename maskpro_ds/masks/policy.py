@@ -1,0 +1,340 @@
+"""The MaskPro estimator: set probability, its score, the logit update, init and final masks.
+
+Model (method.md §2): group logits pi in R^M, p = softmax(pi), a mask is the unordered set S of
+N positions drawn without replacement (Plackett–Luce). Groups are independent, so every function
+here works row-wise on ``[G, M]`` and a layer is any slice of rows.
+
+Score ∇_pi log P(S):
+* N = 2, closed form. With A = p_a + r, B = p_b + r, r = sum of p over the unselected
+  (so A = 1 - p_b and B = 1 - p_a, computed as sums of positive terms), the chain rule through the
+  softmax Jacobian simplifies to
+      d/d pi_a = B (r/A) (1 + A)/(1 + r),   d/d pi_b = A (r/B) (1 + B)/(1 + r),
+      d/d pi_l = -p_l [1 + (A/B + B/A)/(1 + r)]   for l not in S,
+  in which nothing cancels: a very certain group gives a small, accurate gradient instead of
+  (1 - p)^2 underflowing. Exponentials are relative to the runner-up logit (see sampling.py), so
+  every divisor is >= 1 before normalisation.
+* other N: autograd through :func:`log_prob_set`, a subset dynamic programme over the N! orderings
+  in log space (2^N log-sum-exps; fine up to N = 8).
+
+Update (method.md §3): pi <- pi - lr/K sum_k a_k ∇ log P(m_k | pi), every score taken at the OLD pi.
+The advantage a_k comes from :class:`ResidualTracker` (a_k = r_k - delta) and optionally
+:class:`AdvantageScaler` (method.md §7: keep the per-event logit change lr |a| in range).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from maskpro_ds.masks import nm
+from maskpro_ds.masks.sampling import CHUNK_GROUPS, pair_probs, stable_exp_t
+
+
+def _check_shape(logits: torch.Tensor, mask: torch.Tensor, n: int, name: str) -> None:
+    if logits.dim() != 2 or mask.shape != logits.shape:
+        raise ValueError(f"{name}: need logits and mask of the same shape [G, M]; got "
+                         f"{tuple(logits.shape)} and {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{name}: mask must be bool, got {mask.dtype}")
+    if not 0 < n < logits.shape[1]:
+        raise ValueError(f"{name}: need 0 < N < M, got N={n}, M={logits.shape[1]}")
+
+
+def _check_mask(logits: torch.Tensor, mask: torch.Tensor, n: int, name: str) -> None:
+    """Shape, dtype and strict N:M (a full pass; the N = 2 fast path checks inside its chunks)."""
+    _check_shape(logits, mask, n, name)
+    bad = nm.nm_violations(mask, n, logits.shape[1])
+    if bad.numel():
+        raise ValueError(f"{name}: mask is not strict {n}:{logits.shape[1]} in {bad.numel()} groups, "
+                         f"first {bad[:8].tolist()}")
+
+
+def _selected(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Logits of the N selected positions of every group, in index order: ``[G, N]``."""
+    cols = torch.nonzero(mask)[:, 1].view(-1, n)
+    return torch.gather(logits, 1, cols)
+
+
+def log_prob_set(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact log P(S) of each group's unordered set ``mask`` under Plackett–Luce: ``[G]``.
+
+    N = 2: log P = pi_a + pi_b - L + log(e^{-L_a'} + e^{-L_b'}) with L = logsumexp(pi) and
+    L_a' = logsumexp over k != a. Other N: f(T) = logsumexp_{i in T} f(T - i) + pi_i - L(rest of
+    T - i) over subsets T of S, which sums the same N! ordered-draw terms without listing them.
+    Differentiable (autograd) in both cases.
+    """
+    _check_mask(logits, mask, n, "log_prob_set")
+    xs = _selected(logits, mask, n)
+    rest = torch.logsumexp(logits.masked_fill(mask, -math.inf), dim=1)  # log mass not selected
+    if n == 2:
+        a, b = xs[:, 0], xs[:, 1]
+        total = torch.logsumexp(torch.stack([a, b, rest], dim=1), dim=1)
+        excl_a = torch.logaddexp(b, rest)
+        excl_b = torch.logaddexp(a, rest)
+        return a + b - total + torch.logaddexp(-excl_a, -excl_b)
+    full = (1 << n) - 1
+    # lse_out[t] = log of the mass left after the positions in subset t were drawn.
+    lse_out = {}
+    for t in range(full):
+        left = [xs[:, i] for i in range(n) if not t >> i & 1]
+        lse_out[t] = torch.logsumexp(torch.stack(left + [rest], dim=1), dim=1)
+    f = {0: torch.zeros_like(rest)}
+    for size in range(1, n + 1):
+        for members in itertools.combinations(range(n), size):
+            t = sum(1 << i for i in members)
+            terms = [f[t & ~(1 << i)] + xs[:, i] - lse_out[t & ~(1 << i)] for i in members]
+            f[t] = torch.logsumexp(torch.stack(terms, dim=1), dim=1)
+    return f[full]
+
+
+def _score2_t_(acc: list[torch.Tensor], ys: list[torch.Tensor], z: torch.Tensor, rows: list[torch.Tensor],
+               weight: float) -> None:
+    """acc[j] += weight * closed-form N = 2 score on a transposed block.
+
+    ys[j]: exps of position j (runner-up-relative), z = sum(ys), rows[j]: bool mask of position j.
+    """
+    # first[j]: position j is the lower-index selected one (a); the other selected one is b.
+    first, seen = [], torch.zeros_like(rows[0])
+    for s in rows:
+        first.append(s & ~seen)
+        seen = seen | s
+    zero = torch.zeros((), dtype=ys[0].dtype, device=ys[0].device)
+    y_a = sum(torch.where(f, y, zero) for y, f in zip(ys, first, strict=True))
+    y_b = sum(torch.where(s & ~f, y, zero) for y, s, f in zip(ys, rows, first, strict=True))
+    r = sum(torch.where(s, zero, y) for y, s in zip(ys, rows, strict=True))  # mass not selected
+    s_a, s_b = y_a + r, y_b + r  # Z * A and Z * B, each >= 1 (one of the top two is in each)
+    inv_z = z.reciprocal()
+    inv_zr = (z + r).reciprocal()  # 1 / (Z (1 + r))
+    w_inv_zr = inv_zr * weight
+    g_a = s_b * inv_z * (r / s_a) * (z + s_a) * w_inv_zr
+    g_b = s_a * inv_z * (r / s_b) * (z + s_b) * w_inv_zr
+    # Unselected l: -p_l [1 + (A/B + B/A)/(1 + r)] = -y_l q with q <= 3 (Sa, Sb in [1, Z]).
+    neg_q = -(inv_z + (s_a * inv_zr) / s_b + (s_b * inv_zr) / s_a) * weight
+    for j, (y, s, f) in enumerate(zip(ys, rows, first, strict=True)):
+        acc[j] += torch.where(s, torch.where(f, g_a, g_b), y * neg_q)
+
+
+def _score_chunks(logits: torch.Tensor, masks: list[torch.Tensor], weights: list[float]):
+    """Yield (start, stop, sum_k weights[k] * score(logits, masks[k])) chunk by chunk, N = 2.
+
+    Also checks every group of every mask keeps exactly 2 (cheap here, on transposed bool rows).
+    """
+    g_total, m = logits.shape
+    for start in range(0, g_total, CHUNK_GROUPS):
+        stop = min(start + CHUNK_GROUPS, g_total)
+        xt = logits[start:stop].t().contiguous()
+        ys = stable_exp_t(xt)
+        z = sum(ys)
+        acc = [torch.zeros_like(ys[0]) for _ in range(m)]
+        for mask, w in zip(masks, weights, strict=True):
+            rows = list(mask[start:stop].t().contiguous().unbind(0))
+            count = sum(row.to(torch.uint8) for row in rows)
+            if not bool((count == 2).all()):
+                bad = torch.nonzero(count != 2).flatten()[:8] + start
+                raise ValueError(f"score: mask is not strict 2:{m}; offending groups {bad.tolist()}")
+            if w != 0:
+                _score2_t_(acc, ys, z, rows, w)
+        yield start, stop, torch.stack(acc, dim=1)
+
+
+def score(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """∇_pi log P(mask | logits), ``[G, M]``: closed form for N = 2, autograd otherwise."""
+    if n == 2:
+        _check_shape(logits, mask, n, "score")
+        out = torch.empty_like(logits)
+        for start, stop, g in _score_chunks(logits, [mask], [1.0]):
+            out[start:stop] = g
+        return out
+    with torch.enable_grad():
+        x = logits.detach().clone().requires_grad_(True)
+        _check_mask(logits, mask, n, "score")
+        (grad,) = torch.autograd.grad(log_prob_set(x, mask, n).sum(), x)
+    return grad
+
+
+def accumulate_update(logits: torch.Tensor, masks: list[torch.Tensor], advantages: list[float],
+                      lr: float, n: int = 2) -> torch.Tensor:
+    """New logits pi - lr/K sum_k a_k ∇ log P(masks[k] | pi), all scores at the old pi (K = len(masks)).
+
+    ``logits`` is left untouched; see :func:`apply_update_` for the in-place variant.
+    """
+    out = logits.clone()
+    apply_update_(out, masks, advantages, lr, n)
+    return out
+
+
+def apply_update_(logits: torch.Tensor, masks: list[torch.Tensor], advantages: list[float],
+                  lr: float, n: int = 2) -> torch.Tensor:
+    """In-place :func:`accumulate_update`; chunked so each group's scores are read at the old pi."""
+    if len(masks) != len(advantages) or not masks:
+        raise ValueError(f"accumulate_update: need one advantage per mask, got {len(masks)} masks and "
+                         f"{len(advantages)} advantages")
+    for mask in masks:
+        _check_shape(logits, mask, n, "accumulate_update")
+    weights = [-float(lr) * float(a) / len(masks) for a in advantages]
+    if n != 2:
+        delta = sum(w * score(logits, m, n) for m, w in zip(masks, weights, strict=True) if w != 0)
+        return logits.add_(delta) if torch.is_tensor(delta) else logits
+    # Each chunk is transposed (copied) before anything is written, so in place is safe.
+    for start, stop, delta in _score_chunks(logits, masks, weights):
+        logits[start:stop] += delta
+    return logits
+
+
+def init_logits(prior_mask: torch.Tensor, c: float, m: int) -> torch.Tensor:
+    """pi_0 = C * m0 in group layout: fp32 ``[G, M]`` from a bool prior ``[..., in]``."""
+    return nm.group_view(prior_mask.to(torch.bool), m).to(torch.float32) * float(c)
+
+
+def final_mask(logits: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Top-N logits per group (ties to the lower index, as nm.topn_mask): bool ``[G, M]``."""
+    return nm.topn_mask(logits, n, m).view(-1, m)
+
+
+def expected_flip_rate(c: float, n: int, m: int) -> float:
+    """P(a group sampled from logits C * m0 differs from m0) = 1 - P(m0), exact (fp64)."""
+    logits = torch.zeros(1, m, dtype=torch.float64)
+    logits[0, :n] = float(c)
+    mask = logits > 0
+    return float(-torch.expm1(log_prob_set(logits, mask, n))[0])
+
+
+def mask_entropy(logits: torch.Tensor, n: int) -> float:
+    """Mean entropy (nats) of the per-group distribution over sets; N = 2 only (pair table)."""
+    if n != 2:
+        raise ValueError(f"mask_entropy: only N = 2 is supported, got N={n}")
+    probs = pair_probs(logits)
+    return float(-(probs * torch.log(probs.clamp_min(1e-45))).sum(dim=1).mean())
+
+
+def _finite_list(values, name: str) -> list[float]:
+    out = [float(v) for v in values]
+    if not out:
+        raise ValueError(f"{name}: need at least one value")
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name}: non-finite value in {out}; a loss overflowed (check dtype and lr)")
+    return out
+
+
+class ResidualTracker:
+    """The smoothed baseline delta of method.md §3 and the advantages a_k = r_k - delta.
+
+    With K residuals per step (one per rank), delta moves with their mean:
+    delta <- alpha delta + (1 - alpha) mean(r). Orders:
+
+    * ``"use_then_refresh"`` (default): a_k = r_k - delta_prev. delta_prev depends only on earlier
+      steps, so the estimate is exactly unbiased.
+    * ``"refresh_then_use"``: delta is refreshed first (the reference script's order), so
+      a_k = r_k - alpha delta_prev - (1 - alpha) mean(r); with K = 1 that is alpha (r - delta_prev),
+      i.e. the default update scaled by alpha. Its own r_k enters with weight (1 - alpha)/K, which
+      scales the expected update by 1 - (1 - alpha)/K: unbiased in direction.
+
+    ``alpha = 1`` keeps delta fixed at its initial value: the plain-residual ablation (delta = 0).
+    """
+
+    ORDERS = ("use_then_refresh", "refresh_then_use")
+
+    def __init__(self, alpha: float = 0.99, order: str = "use_then_refresh", delta: float = 0.0):
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"ResidualTracker: alpha must be in [0, 1], got {alpha}")
+        if order not in self.ORDERS:
+            raise ValueError(f"ResidualTracker: order must be one of {self.ORDERS}, got {order!r}")
+        self.alpha = float(alpha)
+        self.order = order
+        self.delta = float(delta)
+        self.steps = 0
+
+    def _refreshed(self, residuals: list[float]) -> float:
+        return self.alpha * self.delta + (1.0 - self.alpha) * (sum(residuals) / len(residuals))
+
+    def advantages(self, residuals) -> list[float]:
+        """a_k for this step's residuals; does not change the state (call :meth:`update` after)."""
+        rs = _finite_list(residuals, "ResidualTracker.advantages")
+        base = self.delta if self.order == "use_then_refresh" else self._refreshed(rs)
+        return [r - base for r in rs]
+
+    def update(self, residuals) -> None:
+        """delta <- alpha delta + (1 - alpha) mean(residuals)."""
+        self.delta = self._refreshed(_finite_list(residuals, "ResidualTracker.update"))
+        self.steps += 1
+
+    def step(self, residuals) -> list[float]:
+        """:meth:`advantages` then :meth:`update`."""
+        out = self.advantages(residuals)
+        self.update(residuals)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha.hex(), "order": self.order, "delta": self.delta.hex(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore delta and the step count exactly; alpha and order stay as configured."""
+        self.delta = float.fromhex(state["delta"])
+        self.steps = int(state["steps"])
+
+
+class AdvantageScaler:
+    """Advantage conditioning for long runs (method.md §7); not part of the paper.
+
+    * ``"none"``: a unchanged (the paper's plain update).
+    * ``"rms"``: a / max(rms, eps), rms = sqrt of a bias-corrected running mean of mean(a^2) over
+      PAST steps (beta), so the per-event logit change lr |a| / rms stays near lr; the divisor
+      does not depend on this step's samples, so the step direction stays unbiased. The first
+      step has no past and uses its own RMS. ``clip`` (optional) then bounds |a / rms|.
+    * ``"clip"``: a clipped to [-clip, clip] (``clip`` required).
+    """
+
+    MODES = ("none", "rms", "clip")
+
+    def __init__(self, mode: str = "none", beta: float = 0.99, clip: float | None = None, eps: float = 1e-8):
+        if mode not in self.MODES:
+            raise ValueError(f"AdvantageScaler: mode must be one of {self.MODES}, got {mode!r}")
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"AdvantageScaler: beta must be in [0, 1), got {beta}")
+        if mode == "clip" and (clip is None or clip <= 0):
+            raise ValueError(f"AdvantageScaler: mode 'clip' needs clip > 0, got {clip}")
+        if clip is not None and clip <= 0:
+            raise ValueError(f"AdvantageScaler: clip must be > 0 when given, got {clip}")
+        self.mode, self.beta, self.eps = mode, float(beta), float(eps)
+        self.clip = None if clip is None else float(clip)
+        self.mean_square = 0.0
+        self.steps = 0
+
+    def rms(self) -> float:
+        """The bias-corrected running RMS of past advantages (0.0 before the first step)."""
+        if self.steps == 0:
+            return 0.0
+        return math.sqrt(self.mean_square / (1.0 - self.beta**self.steps))
+
+    def scale(self, advantages) -> list[float]:
+        """Conditioned advantages for this step; updates the running RMS afterwards."""
+        adv = _finite_list(advantages, "AdvantageScaler.scale")
+        if self.mode == "none":
+            return adv
+        out = adv
+        msq = sum(a * a for a in adv) / len(adv)
+        if self.mode == "rms":
+            denom = self.rms() if self.steps else math.sqrt(msq)
+            out = [a / max(denom, self.eps) for a in adv]
+        if self.clip is not None:
+            out = [min(max(a, -self.clip), self.clip) for a in out]
+        self.mean_square = self.beta * self.mean_square + (1.0 - self.beta) * msq
+        self.steps += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "beta": self.beta.hex(),
+            "clip": None if self.clip is None else self.clip.hex(),
+            "eps": self.eps.hex(),
+            "mean_square": self.mean_square.hex(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the running statistics exactly; mode, beta, clip and eps stay as configured."""
+        self.mean_square = float.fromhex(state["mean_square"])
+        self.steps = int(state["steps"])

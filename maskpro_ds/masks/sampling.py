@@ -1,0 +1,228 @@
+"""Mask sampling: a counter-based RNG and exact N:M draws from the MaskPro distribution.
+
+Randomness is a pure function of ``(seed, step, slot, layer)`` and of the group's GLOBAL index
+in its layer, never of how groups are split across ranks, chunks or devices: sampling
+``logits[a:b]`` with ``group_offset=a`` gives exactly rows ``a:b`` of sampling the whole layer.
+That is what lets any ZeRO partition, any world size and a resumed run draw the same masks.
+
+The RNG is a 32-bit integer hash (two rounds of a low-bias xorshift-multiply mixer) evaluated in
+int64 tensors holding 32-bit values. Every multiplier is below 2**31, so the product of a 32-bit
+state and a multiplier stays below 2**63: no signed overflow is ever relied on. Uniforms use the
+top 24 bits, so they are exact in fp32, lie in [0, 1) and are never 1.0.
+
+Distribution (method.md §2): N positions drawn one after another without replacement with
+probabilities softmax(pi) (Plackett–Luce). Two exact paths:
+
+* N = 2: one uniform per group and the inverse CDF over the C(M, 2) unordered pairs (lexicographic
+  order) with P({a, b}) = p_a p_b (1/(1 - p_a) + 1/(1 - p_b)). Every 1 - p is computed as the sum
+  of the other terms (no cancellation). Exponentials are taken relative to the group's runner-up
+  logit and capped at e^60, so every normaliser holds a term >= 1: logits that differ by hundreds
+  give neither NaN nor a wrong count (the cap changes probabilities by a relative e^-60).
+  Resolution is 2**-24: a pair rarer than ~6e-8 may be drawn at a rate off by that much.
+* other N: Gumbel-top-N with one uniform per weight (counter ``global_group * M + j``). The 24-bit
+  uniform bounds the Gumbel noise to about [-2.9, 17.3], so a logit gap above ~20 (probability
+  ~2e-9) is never bridged.
+
+The N = 2 path works on chunks of groups transposed to ``[M, chunk]`` so every operation is a
+contiguous, cache-sized vector op (softmax over a last dim of 4 is far slower in stock torch).
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import cache
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# Multipliers of a two-multiply xorshift mixer found by the hash-prospector search (bias ~0.108);
+# both are odd and below 2**31, so (32-bit state) x (multiplier) < 2**63.
+_MUL1 = 0x21F0AAAD
+_MUL2 = 0x735A2D97
+_INV_2_24 = 1.0 / (1 << 24)
+EXP_CAP = 60.0  # cap on logit - runner-up before exp (see module docstring)
+CHUNK_GROUPS = 1 << 15  # groups per chunk on the N = 2 path: a few hundred KB per temporary
+
+
+def _mix32_py(x: int) -> int:
+    """The mixer of :func:`_mix32_` on a Python int (used to build keys)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _MUL1) & _MASK32
+    x ^= x >> 15
+    x = (x * _MUL2) & _MASK32
+    x ^= x >> 15
+    return x
+
+
+def key_scalar(seed: int, step: int, slot: int, layer: int) -> int:
+    """One 64-bit key from the four non-negative integers that name a draw.
+
+    The integers are hashed one after another (a chained mixer over their 32-bit words), not
+    added, so (step=1, slot=0) and (step=0, slot=1) give unrelated keys. ``slot`` is the sample
+    slot within a step (one per rank), ``layer`` the index of the masked layer.
+    """
+    h_lo, h_hi = 0x3C6EF372, 0x0BB67AE8  # arbitrary distinct starting states
+    for value in (seed, step, slot, layer):
+        value = int(value)
+        if value < 0 or value >= 1 << 64:
+            raise ValueError(f"key_scalar: seed/step/slot/layer must be in [0, 2**64), got {value}")
+        for word in (value & _MASK32, value >> 32):
+            h_lo = _mix32_py(h_lo ^ _mix32_py(word ^ h_hi))
+            h_hi = _mix32_py((h_hi + 0x9E3779B9) ^ h_lo)
+    return (h_hi << 32) | h_lo
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """In-place 32-bit mixer on an int64 tensor holding values in [0, 2**32)."""
+    x.bitwise_xor_(x >> 16)
+    x.mul_(_MUL1).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_MUL2).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    return x
+
+
+def counter_bits(key: int, counters: torch.Tensor) -> torch.Tensor:
+    """32 random bits (int64 in [0, 2**32)) for every non-negative int64 counter under ``key``.
+
+    Round one mixes the low counter word xor the low key word; round two mixes that xor the high
+    key word and the high counter word. Keys differing anywhere give unrelated streams, not a
+    relabelling of the counters.
+    """
+    key = int(key)
+    k_lo, k_hi = key & _MASK32, (key >> 32) & _MASK32
+    x = counters.to(torch.int64)
+    hi = x >> 32
+    x = x.bitwise_and(_MASK32).bitwise_xor_(k_lo)
+    _mix32_(x)
+    x.bitwise_xor_(hi).bitwise_xor_(k_hi)
+    return _mix32_(x)
+
+
+def counter_uniform(key: int, counters: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) (multiples of 2**-24, exact in fp32, never 1.0) for int64 counters."""
+    return (counter_bits(key, counters) >> 8).to(torch.float32).mul_(_INV_2_24)
+
+
+@cache
+def _pairs_cpu(m: int) -> tuple[tuple[tuple[int, int], ...], torch.Tensor]:
+    pairs = tuple(itertools.combinations(range(m), 2))
+    masks = torch.zeros(len(pairs), m, dtype=torch.bool)
+    for i, (a, b) in enumerate(pairs):
+        masks[i, a] = masks[i, b] = True
+    return pairs, masks
+
+
+def pair_table(m: int, device: torch.device | str = "cpu") -> tuple[tuple[tuple[int, int], ...], torch.Tensor]:
+    """The C(M, 2) unordered pairs in lexicographic order, and their masks ``[C(M,2), M]`` bool."""
+    pairs, masks = _pairs_cpu(int(m))
+    return pairs, masks.to(device)
+
+
+def stable_exp_t(xt: torch.Tensor) -> list[torch.Tensor]:
+    """Per-position exponentials of a transposed group block ``[M, g]``, relative to the runner-up.
+
+    Returns y_j = exp(min(x_j - runner_up, EXP_CAP)) as M vectors. At least two entries per group
+    are >= 1 (the top two), so any sum that leaves out one entry is >= 1 and never underflows.
+    """
+    rows = list(xt.unbind(0))
+    max1 = torch.maximum(rows[0], rows[1])
+    max2 = torch.minimum(rows[0], rows[1])
+    for row in rows[2:]:
+        max2 = torch.maximum(max2, torch.minimum(max1, row))
+        max1 = torch.maximum(max1, row)
+    return [torch.exp((row - max2).clamp_max_(EXP_CAP)) for row in rows]
+
+
+def exclusive_sums(ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """For each position a, sum_{k != a} y_k from prefix and suffix sums (no subtraction)."""
+    m = len(ys)
+    prefix = [None] * m
+    suffix = [None] * m
+    for j in range(1, m):
+        prefix[j] = ys[0] if j == 1 else prefix[j - 1] + ys[j - 1]
+    for j in range(m - 2, -1, -1):
+        suffix[j] = ys[m - 1] if j == m - 2 else suffix[j + 1] + ys[j + 1]
+    out = []
+    for j in range(m):
+        if prefix[j] is None:
+            out.append(suffix[j])
+        elif suffix[j] is None:
+            out.append(prefix[j])
+        else:
+            out.append(prefix[j] + suffix[j])
+    return out
+
+
+def _pair_weights_t(xt: torch.Tensor) -> list[torch.Tensor]:
+    """Unnormalised P({a,b}) * Z for every pair (lexicographic) of a block ``[M, g]``."""
+    ys = stable_exp_t(xt)
+    inv_excl = [e.reciprocal() for e in exclusive_sums(ys)]  # Z / (1 - p_a) / Z
+    pairs, _ = pair_table(len(ys))
+    return [ys[a] * ys[b] * (inv_excl[a] + inv_excl[b]) for a, b in pairs]
+
+
+def pair_probs(logits: torch.Tensor) -> torch.Tensor:
+    """P({a, b}) for every pair of every group: ``[G, M]`` -> ``[G, C(M, 2)]`` (lexicographic)."""
+    xt = logits.t().contiguous()
+    weights = torch.stack(_pair_weights_t(xt), dim=1)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def _check_logits(logits: torch.Tensor, n: int) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"sample_masks: logits must be [groups, M], got shape {tuple(logits.shape)}")
+    m = logits.shape[1]
+    if not 0 < n < m:
+        raise ValueError(f"sample_masks: need 0 < N < M, got N={n}, M={m}")
+    if not logits.is_floating_point():
+        raise ValueError(f"sample_masks: logits must be floating point, got {logits.dtype}")
+
+
+def sample_pair_index(logits: torch.Tensor, key: int, group_offset: int = 0) -> torch.Tensor:
+    """N = 2 draw as an index into :func:`pair_table` (int64 ``[G]``): one uniform per group."""
+    _check_logits(logits, 2)
+    g_total, m = logits.shape
+    out = torch.empty(g_total, dtype=torch.int64, device=logits.device)
+    for start in range(0, g_total, CHUNK_GROUPS):
+        stop = min(start + CHUNK_GROUPS, g_total)
+        xt = logits[start:stop].t().to(torch.float32).contiguous()
+        weights = _pair_weights_t(xt)
+        counters = torch.arange(group_offset + start, group_offset + stop, device=logits.device)
+        u = counter_uniform(key, counters)
+        # Inverse CDF: cdf is a running fp32 sum (monotone); v = u * total < total exactly for
+        # u <= 1 - 2**-24, so the chosen pair always has a positive weight.
+        cdf = weights[0]
+        cdfs = [cdf]
+        for w in weights[1:-1]:
+            cdf = cdf + w
+            cdfs.append(cdf)
+        total = cdf + weights[-1]
+        v = u.mul_(total)
+        idx = torch.zeros(stop - start, dtype=torch.int64, device=logits.device)
+        for c in cdfs:
+            idx += c <= v
+        out[start:stop] = idx
+    return out
+
+
+def sample_masks(logits: torch.Tensor, n: int, key: int, group_offset: int = 0) -> torch.Tensor:
+    """Draw one strict N:M mask per group from Plackett–Luce(softmax(logits)); bool ``[G, M]``.
+
+    ``group_offset`` is the global index (within the layer) of row 0 of ``logits``; the draw of a
+    group depends only on ``key``, its global index and its own logits.
+    """
+    _check_logits(logits, n)
+    g_total, m = logits.shape
+    if n == 2:
+        _, masks = pair_table(m, logits.device)
+        return masks[sample_pair_index(logits, key, group_offset)]
+    # Gumbel-top-N; u in (0, 1) strictly: centre of the 24-bit cell.
+    counters = torch.arange(group_offset * m, (group_offset + g_total) * m, device=logits.device)
+    u = ((counter_bits(key, counters) >> 8).to(torch.float64) + 0.5) * _INV_2_24
+    gumbel = -torch.log(-torch.log(u))
+    perturbed = logits.to(torch.float64) + gumbel.view(g_total, m)
+    top = torch.topk(perturbed, n, dim=1).indices
+    out = torch.zeros(g_total, m, dtype=torch.bool, device=logits.device)
+    return out.scatter_(1, top, True)

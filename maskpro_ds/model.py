@@ -1,0 +1,169 @@
+"""Model side of training: the DeepSpeed config, loading a frozen HF causal LM partitioned by ZeRO-3,
+choosing the mask targets, and the masked Linear forward.
+
+The base is loaded partitioned from the start (``HfDeepSpeedConfig`` kept alive during
+``from_pretrained``, or ``zero.Init`` for config-only directories), frozen, and wrapped by
+``deepspeed.initialize`` without an optimizer: ZeRO-3's gather/release hooks are all we use. A
+masked Linear computes ``x @ where(m, W, 0)ᵀ`` right after ZeRO-3 gathered W, with the mask given
+by a provider (the logit store) for the current step.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from maskpro_ds.config import Config
+from maskpro_ds.zero_utils import full_shape
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict:
+    """The one place our config becomes a DeepSpeed config (ZeRO-3, no optimizer, frozen weights)."""
+    z = cfg.zero
+    zero = {
+        "stage": 3,
+        "stage3_param_persistence_threshold": z.param_persistence_threshold,
+        "stage3_prefetch_bucket_size": z.prefetch_bucket_size,
+        "stage3_max_live_parameters": z.max_live_parameters,
+        "stage3_max_reuse_distance": z.max_live_parameters,
+    }
+    if z.hpz_partition_size > 1:
+        if world_size % z.hpz_partition_size:
+            raise ValueError(f"zero.hpz_partition_size={z.hpz_partition_size} must divide the world size {world_size}")
+        zero["zero_hpz_partition_size"] = z.hpz_partition_size
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        "fp16": {"enabled": cfg.model.dtype == "fp16", "auto_cast": False},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def check_model_dir(path: str) -> Path:
+    model_dir = Path(path)
+    if not path:
+        raise ValueError("model.path is empty; point it at a Hugging Face model directory (config.json + safetensors)")
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model.path {model_dir} does not exist; run tools/prepare_demo.py or fix the path")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {model_dir} has no config.json; it is not a Hugging Face model directory")
+    return model_dir
+
+
+def has_weights(model_dir: Path) -> bool:
+    return any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
+
+
+def load_partitioned_model(cfg: Config, ds_config: dict) -> tuple[object, torch.nn.Module]:
+    """Load (or build) the frozen model partitioned by ZeRO-3; returns (deepspeed engine, module)."""
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    model_dir = check_model_dir(cfg.model.path)
+    dtype = TORCH_DTYPES[cfg.model.dtype]
+    # HfDeepSpeedConfig must stay alive while from_pretrained runs: it is how transformers knows to
+    # build the model inside zero.Init so no rank ever holds all the weights.
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    if has_weights(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    else:
+        logger.warning("%s has no weight files: building a randomly initialised model (seed %d)",
+                       model_dir, cfg.model.init_seed)
+        torch.manual_seed(cfg.model.init_seed)
+        hf_config = AutoConfig.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    del hf_ds_config
+    return engine, model
+
+
+@dataclass
+class Target:
+    """One masked Linear: its module name, module, and full ``[out, in]`` shape."""
+
+    name: str
+    module: torch.nn.Linear
+    shape: tuple[int, int]
+
+
+def select_targets(model: torch.nn.Module, cfg: Config) -> list[Target]:
+    """Linears matching model.targets (and one of model.include, if given), minus model.exclude.
+
+    A layer whose input dim does not divide by M is skipped with a warning.
+    """
+    m = cfg.mask.m
+    targets_re = re.compile(cfg.model.targets)
+    include = [re.compile(p) for p in cfg.model.include]
+    exclude = [re.compile(p) for p in cfg.model.exclude]
+    selected, skipped = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not targets_re.search(name):
+            continue
+        if include and not any(p.search(name) for p in include):
+            continue
+        if any(p.search(name) for p in exclude):
+            continue
+        shape = full_shape(module.weight)
+        if shape[1] % m:
+            skipped.append(f"{name} (in={shape[1]})")
+            continue
+        selected.append(Target(name=name, module=module, shape=(int(shape[0]), int(shape[1]))))
+    if skipped:
+        logger.warning("skipping %d layers whose input dim is not divisible by M=%d: %s", len(skipped), m, ", ".join(skipped))
+    if not selected:
+        raise ValueError(
+            f"no Linear layer matches model.targets={cfg.model.targets!r} include={cfg.model.include} "
+            f"exclude={cfg.model.exclude} with an input dim divisible by {m}"
+        )
+    return selected
+
+
+class MaskedLinearForward:
+    """Replacement ``forward`` for one Linear: ``F.linear(x, where(mask, W, 0), b)``.
+
+    ZeRO-3's pre-forward hook has gathered ``W`` by the time this runs; the mask (bool ``[out, in]``)
+    comes from ``mask_fn(layer_index)``. ``torch.where`` writes exactly +0.0 in pruned slots.
+    A plain attribute swap keeps the module, its parameters and DeepSpeed's hooks untouched.
+    """
+
+    def __init__(self, module: torch.nn.Linear, layer_index: int, mask_fn: Callable[[int], torch.Tensor]):
+        self.module = module
+        self.layer_index = layer_index
+        self.mask_fn = mask_fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.module.weight
+        mask = self.mask_fn(self.layer_index)
+        masked = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        return F.linear(x, masked, self.module.bias)
+
+
+def install_masked_forward(targets: list[Target], mask_fn: Callable[[int], torch.Tensor]) -> None:
+    for index, target in enumerate(targets):
+        target.module.forward = MaskedLinearForward(target.module, index, mask_fn)
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean next-token cross-entropy, reduced in fp32 -> ``[batch]``."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = input_ids[:, 1:]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), reduction="none")
+    return loss.view(input_ids.shape[0], -1).mean(dim=1)

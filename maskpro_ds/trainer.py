@@ -1,0 +1,340 @@
+"""The MaskPro trainer: builds the run in ``__init__``, then ``step``/``train``/``close``.
+
+One step on rank r of R (design in docs/architecture.md):
+  ids   = batch_ids(seed, step, r)            # sample ids; f(m0) looked up by id
+  loss  = masked forward, no_grad             # each Linear asks the store for rank r's sampled mask
+  res   = all_gather(loss - f0)               # R scalars, identical on every rank
+  adv   = tracker(res) [-> scaler]            # same on every rank
+  store.apply_update(adv)                     # owners regenerate the R masks on their slices
+Non-finite losses skip the step everywhere (logits and δ untouched); guards halve the step size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from maskpro_ds import checkpoint, distributed
+from maskpro_ds.artifacts import model_fingerprint, read_mask_artifact
+from maskpro_ds.baseline_cache import BaselineCache, baseline_fingerprint
+from maskpro_ds.config import Config
+from maskpro_ds.data import batch_ids, build_samples
+from maskpro_ds.logits import LogitStore
+from maskpro_ds.masks.nm import magnitude_prior
+from maskpro_ds.masks.policy import AdvantageScaler, ResidualTracker
+from maskpro_ds.metrics import MetricsLogger, ProgressBar
+from maskpro_ds.model import (
+    build_ds_config,
+    causal_lm_loss,
+    check_model_dir,
+    install_masked_forward,
+    load_partitioned_model,
+    select_targets,
+)
+from maskpro_ds.training_eval import heldout_windows, masked_perplexity
+from maskpro_ds.zero_utils import gathered
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when a guard stops the run; a checkpoint has been written first."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.info = distributed.init_distributed(cfg.zero.backend, cfg.zero.timeout_s)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        model_dir = check_model_dir(cfg.model.path)
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())
+        self.base_fingerprint = distributed.broadcast_object(model_fingerprint(model_dir) if self.info.is_main else None)
+
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.samples = self._build_samples(cfg.data.source, cfg.data.seqlen, cfg.data.num_samples)
+
+        self.ds_config = build_ds_config(cfg, self.info.world_size)
+        self.engine, self.model = load_partitioned_model(cfg, self.ds_config)
+        self.targets = select_targets(self.model, cfg)
+        self.store = LogitStore([t.name for t in self.targets], [t.shape for t in self.targets], cfg.mask.n, cfg.mask.m,
+                                self.info.rank, self.info.world_size, cfg.train.seed, device=self.info.device)
+        self.prior_identity = self._init_prior()
+        install_masked_forward(self.targets, self.store.mask_for_forward)
+
+        self.tracker = ResidualTracker(alpha=cfg.train.alpha, order=cfg.train.tracker_order)
+        self.scaler = AdvantageScaler(mode=cfg.train.advantage_norm, clip=cfg.train.advantage_clip)
+        self.step_index = 0
+        self.lr = cfg.train.lr
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.best_eval = math.inf
+        self.run_id = distributed.broadcast_object(uuid.uuid4().hex[:12] if self.info.is_main else None)
+        if resume or cfg.checkpoint.resume:
+            self._resume()
+        self.baseline = self._load_or_compute_baseline() if cfg.train.baseline == "precompute" else None
+        self.eval_windows = None
+        if cfg.train.eval_every:
+            self.eval_windows = heldout_windows(self.tokenizer, cfg.train.eval_source, cfg.train.eval_seqlen,
+                                                cfg.train.eval_tokens)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.metrics.tensorboard,
+                                     jsonl=cfg.metrics.jsonl)
+        self.metrics.truncate_after(self.step_index)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _build_samples(self, source: str, seqlen: int, num_samples: int):
+        d = self.cfg.data
+        kwargs = dict(seqlen=seqlen, num_samples=num_samples, cache_dir=d.cache_dir, split=d.split,
+                      text_field=d.text_field, max_documents=d.max_documents or None)
+        if not source:
+            raise ValueError("data.source is empty; point it at a text/json/parquet file or a dataset name")
+        # Rank 0 tokenises and fills the cache; the others read it.
+        if self.info.is_main:
+            samples = build_samples(self.tokenizer, source, **kwargs)
+        distributed.barrier()
+        if not self.info.is_main:
+            samples = build_samples(self.tokenizer, source, **kwargs)
+        return samples
+
+    def _init_prior(self) -> str:
+        """π0 = C·m0 on every slice, m0 from the prior artifact or the magnitude of the weights."""
+        cfg, store = self.cfg, self.store
+        if cfg.mask.prior:
+            artifact = read_mask_artifact(cfg.mask.prior)
+            if (artifact.n, artifact.m) != (cfg.mask.n, cfg.mask.m):
+                raise ValueError(f"mask.prior {cfg.mask.prior} is {artifact.pattern}, but mask.pattern is {cfg.mask.pattern}")
+            artifact.check_base(self.base_fingerprint)
+        for index, target in enumerate(self.targets):
+            g0, g1 = store.local_range(index)
+            if cfg.mask.prior:
+                if target.name not in artifact.shapes:
+                    raise ValueError(f"mask.prior {cfg.mask.prior} has no mask for layer {target.name}; it was made "
+                                     "for another model or another target set")
+                if artifact.shapes[target.name] != target.shape:
+                    raise ValueError(f"mask.prior {cfg.mask.prior}: layer {target.name} has shape "
+                                     f"{list(artifact.shapes[target.name])}, the model has {list(target.shape)}; "
+                                     "the prior was made for another model")
+                full = artifact.layer_mask(target.name)
+            else:
+                with gathered([target.module.weight]):
+                    full = magnitude_prior(target.module.weight.detach().cpu(), cfg.mask.n, cfg.mask.m)
+            store.init_from_prior(index, full.reshape(-1, cfg.mask.m)[g0:g1], cfg.mask.init_scale)
+        return f"artifact:{artifact.path.resolve()}:{artifact.base_fingerprint}" if cfg.mask.prior else "magnitude"
+
+    # ------------------------------------------------------------------ forward passes
+    def _tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.samples.tokens[ids].to(self.info.device)
+
+    @torch.no_grad()
+    def forward_losses(self, tokens: torch.Tensor, mode: tuple) -> torch.Tensor:
+        """Per-sample mean CE (fp32) under a mask mode; collective (every rank must call it)."""
+        self.store.mode = mode
+        logits = self.engine(input_ids=tokens).logits
+        return causal_lm_loss(logits, tokens)
+
+    def _load_or_compute_baseline(self) -> BaselineCache:
+        """f(m0, ξ) for every sample id: loaded from the run dir if it matches, else one pass over the data."""
+        s = self.samples
+        path = self.run_dir / "baseline.safetensors"
+        fp = baseline_fingerprint(s.source_fingerprint, self.prior_identity, self.base_fingerprint,
+                                  self.cfg.model.dtype, str(self.cfg.model.targets), str(self.cfg.model.include),
+                                  str(self.cfg.model.exclude))
+        if path.is_file():
+            try:
+                cache = BaselineCache.load(path, fp, num_samples=len(s.ids))
+                if cache.complete:
+                    return cache
+            except ValueError as e:
+                if self.info.is_main:
+                    logger.warning("recomputing the baseline: %s", e)
+        cache = BaselineCache(len(s.ids), fingerprint=fp)
+        world, rank, batch = self.info.world_size, self.info.rank, self.cfg.data.batch_size
+        per_rank = -(-len(s.ids) // world)
+        mine = torch.arange(rank, len(s.ids), world)
+        rounds = -(-per_rank // batch)
+        t0 = time.time()
+        progress = ProgressBar(rounds, 0, enabled=self.info.is_main and self.cfg.metrics.progress, desc="baseline f(m0)")
+        for k in range(rounds):
+            ids = mine[k * batch:(k + 1) * batch]
+            pad = batch - ids.numel()  # every rank runs the same number of (collective) forwards
+            padded = torch.cat([ids, torch.zeros(pad, dtype=torch.long)]) if pad else ids
+            losses = self.forward_losses(self._tokens(padded), ("prior",)).double()
+            payload = torch.stack([padded.double(), torch.where(torch.arange(batch) < ids.numel(), losses.cpu(), -1.0)], 1)
+            every = distributed.all_gather_floats(payload.reshape(-1).to(self.info.device)).reshape(-1, 2).cpu()
+            keep = every[:, 1] >= 0
+            cache.set(every[keep, 0].long(), every[keep, 1])
+            progress.update(k + 1)
+        progress.close()
+        if self.info.is_main:
+            cache.save(path)
+            logger.info("baseline pass over %d samples took %.1f s", len(s.ids), time.time() - t0)
+        distributed.barrier()
+        return cache
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> dict[str, float]:
+        cfg, store, world = self.cfg, self.store, self.info.world_size
+        t0 = time.time()
+        ids = batch_ids(cfg.train.seed, self.step_index, self.info.rank, world, cfg.data.batch_size, len(self.samples.ids))
+        tokens = self._tokens(ids)
+        loss = self.forward_losses(tokens, ("sample", self.step_index)).double().mean()
+        if self.baseline is not None:
+            f0 = self.baseline.get(ids).mean()
+        else:
+            f0 = self.forward_losses(tokens, ("prior",)).double().mean().cpu()
+        every = distributed.all_gather_floats(torch.stack([loss.cpu(), f0]).to(self.info.device)).cpu()
+        losses, baselines = every[:, 0], every[:, 1]
+        values = {"train/loss": float(losses.mean()), "train/baseline_loss": float(baselines.mean())}
+        if not bool(torch.isfinite(losses).all()):
+            return self._skip_step(values, t0)
+        self.bad_steps = 0
+        residuals = (losses - baselines).tolist()
+        signal = losses.tolist() if cfg.train.estimator == "vanilla" else residuals
+        if cfg.train.estimator == "residual_tracker":
+            advantages = self.tracker.advantages(signal)
+        else:
+            advantages = list(signal)
+        advantages = self.scaler.scale(advantages)
+        self._guard_advantage(advantages)
+
+        counts = torch.zeros(2, dtype=torch.float64)
+        for layer in range(len(store.names)):
+            c = store.apply_update(layer, self.step_index, advantages, self.lr)
+            counts += torch.tensor([c["deviating"], c["changed"]], dtype=torch.float64)
+        counts = distributed.all_gather_floats(counts.to(self.info.device)).sum(0).cpu()
+        total_groups = sum(s[0] * s[1] for s in store.shapes) // store.m
+        deviating = float(counts[0]) / (total_groups * world)
+        if cfg.train.estimator == "residual_tracker":
+            self.tracker.update(signal)
+        self.step_index += 1
+        self._guard_deviation(deviating)
+        values.update({
+            "train/residual_mean": float(torch.tensor(residuals).mean()),
+            "train/residual_std": float(torch.tensor(residuals).std()) if world > 1 else 0.0,
+            "train/delta": self.tracker.delta,
+            "train/advantage_mean": sum(advantages) / world,
+            "train/advantage_abs_max": max(abs(a) for a in advantages),
+            "train/deviating_groups_frac": deviating,
+            "train/changed_groups_frac": float(counts[1]) / total_groups,
+            "train/lr": self.lr,
+            "train/step_time_s": time.time() - t0,
+            "train/tokens_per_s": world * tokens.numel() / max(time.time() - t0, 1e-9),
+            "train/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "train/skipped_steps": self.skipped_steps,
+        })
+        return values
+
+    def _skip_step(self, values: dict, t0: float) -> dict[str, float]:
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        self.step_index += 1
+        logger.warning("step %d: non-finite loss on some rank; step skipped on all ranks (%d in a row)",
+                       self.step_index - 1, self.bad_steps)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            self.save()
+            raise TrainingStopped(
+                f"{self.bad_steps} consecutive steps had a non-finite loss (limit train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); checkpoint saved at step {self.step_index}. Check model.dtype "
+                "(fp16 overflows easily) and the data; resume with --resume after fixing it"
+            )
+        values.update({"train/skipped_steps": self.skipped_steps, "train/step_time_s": time.time() - t0})
+        return values
+
+    def _guard_advantage(self, advantages: list[float]) -> None:
+        limit = self.cfg.train.max_abs_advantage
+        if limit and max(abs(a) for a in advantages) > limit:
+            self._halve_lr(f"|r - delta| = {max(abs(a) for a in advantages):.4g} > train.max_abs_advantage={limit}")
+
+    def _guard_deviation(self, deviating: float) -> None:
+        limit = self.cfg.train.max_deviation
+        if limit and deviating > limit:
+            self._halve_lr(f"deviating fraction {deviating:.3g} > train.max_deviation={limit}")
+
+    def _halve_lr(self, why: str) -> None:
+        self.lr /= 2
+        logger.warning("step %d: %s; halving lr to %.4g", self.step_index, why, self.lr)
+        if self.lr < self.cfg.train.lr / 1024:
+            self.save()
+            raise TrainingStopped(f"lr fell below train.lr/1024 after repeated guard trips ({why}); checkpoint "
+                                  f"saved at step {self.step_index}")
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.cfg
+        progress = ProgressBar(cfg.train.steps, self.step_index, enabled=self.info.is_main and cfg.metrics.progress,
+                               desc="maskpro")
+        try:
+            while self.step_index < cfg.train.steps:
+                values = self.step()
+                if cfg.train.eval_every and self.step_index % cfg.train.eval_every == 0:
+                    values.update(self.evaluate())
+                if self.step_index % cfg.metrics.log_every == 0:
+                    self.metrics.log(self.step_index, values)
+                progress.update(self.step_index, {"loss": values.get("train/loss"), "res": values.get("train/residual_mean"),
+                                                  "dev": values.get("train/deviating_groups_frac")})
+                if self.step_index % cfg.checkpoint.every == 0 or self.step_index == cfg.train.steps:
+                    self.save()
+        finally:
+            progress.close()
+        if self.step_index == cfg.train.steps and not (self.ckpt_root / checkpoint.step_dir_name(self.step_index)).exists():
+            self.save()
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out perplexity of the current final (top-N) mask; marks the best checkpoint."""
+        ppl = masked_perplexity(self, self.eval_windows)
+        values = {"eval/ppl": ppl}
+        if ppl < self.best_eval:
+            self.best_eval = ppl
+            self.save()
+            if self.info.is_main:
+                checkpoint.mark_best(self.ckpt_root, self.step_index)
+        values["eval/best_ppl"] = self.best_eval
+        return values
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"step": self.step_index, "lr": self.lr.hex(), "bad_steps": self.bad_steps,
+                "skipped_steps": self.skipped_steps, "best_eval": float(self.best_eval).hex(),
+                "tracker": self.tracker.state_dict(), "scaler": self.scaler.state_dict(),
+                "seed": self.cfg.train.seed, "world_size": self.info.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_index = int(state["step"])
+        self.lr = float.fromhex(state["lr"])
+        self.bad_steps = int(state["bad_steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.best_eval = float.fromhex(state["best_eval"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save(self) -> Path:
+        return checkpoint.save_checkpoint(
+            self.ckpt_root, self.store, step=self.step_index, state=self.state_dict(), config=self.cfg.to_dict(),
+            base_model={"path": str(self.cfg.model.path), "fingerprint": self.base_fingerprint},
+            run_id=self.run_id, keep_last=self.cfg.checkpoint.keep_last)
+
+    def _resume(self) -> None:
+        manifest = checkpoint.find_resumable(self.ckpt_root)
+        if manifest is None:
+            raise FileNotFoundError(f"--resume: no usable checkpoint under {self.ckpt_root}")
+        checkpoint.check_compatible(manifest, self.store, self.base_fingerprint)
+        checkpoint.load_logits_into(manifest, self.store)
+        self.load_state_dict(manifest.state)
+        self.run_id = manifest.run_id
+        if self.info.is_main:
+            logger.info("resumed from %s (step %d, written by %d ranks)", manifest.path, manifest.step, manifest.world_size)
+
+    def close(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
