@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q $(TORCH_PIN) -e '.[mpi,demo,test]'
+	# Build DeepSpeed's CPU shared-memory comm op once, single-process, into the per-checkout cache
+	# the tests use: several ranks JIT-building it at once can race, and it takes ~50 s.
+	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions \
+	  $(PYTHON) -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with CPU torch and every dependency

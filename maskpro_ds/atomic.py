@@ -56,12 +56,17 @@ def atomic_directory(final: str | os.PathLike, force: bool = False) -> Iterator[
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a small text file atomically (temp file in the same directory, then rename)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    """Write a binary file atomically (temp file in the same directory, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -11,18 +11,16 @@ refuses a cache whose fingerprint differs: a stale baseline silently biases ever
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from maskpro_ds.atomic import TMP_PREFIX
+from maskpro_ds.atomic import atomic_write_bytes
 
 _FORMAT = "maskpro_ds.baseline/1"
 
@@ -32,22 +30,6 @@ def baseline_fingerprint(samples_fingerprint: str, prior_identity: str, model_fi
     (e.g. the compute dtype)."""
     parts = [samples_fingerprint, prior_identity, model_fingerprint, *extra]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-
-
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """Write a temp file beside ``path``, fsync, rename: never a half-written file under ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _format_ids(ids: torch.Tensor, limit: int = 10) -> str:
@@ -113,7 +95,7 @@ class BaselineCache:
         fp = self.fingerprint if fingerprint is None else fingerprint
         meta = {"format": _FORMAT, "fingerprint": fp, "num_samples": str(self.num_samples)}
         payload = save({"losses": self.losses.contiguous(), "filled": self.filled.contiguous()}, metadata=meta)
-        write_bytes_atomic(Path(path), payload)
+        atomic_write_bytes(Path(path), payload)
 
     @classmethod
     def load(

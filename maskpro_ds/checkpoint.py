@@ -52,7 +52,7 @@ def save_checkpoint(root: Path, store: LogitStore, *, step: int, state: dict, co
     entry = write_shard(tmp, store.rank, store.world_size, store.state_tensors(), store.group_ranges(), step)
     entries = _gather_objects(entry, store.world_size)
     if store.rank == 0:
-        layers = [LayerEntry(name, shape, shape[0] * shape[1] // store.m) for name, shape in zip(store.names, store.shapes)]
+        layers = [LayerEntry(name, shape, shape[0] * shape[1] // store.m) for name, shape in zip(store.names, store.shapes, strict=True)]
         write_manifest(tmp, step=step, n=store.n, m=store.m, layers=layers, shards=entries, state=state,
                        config=config, base_model=base_model, run_id=run_id)
         if final.exists():  # re-saving a step after resuming from an earlier one: the new set wins
@@ -114,7 +114,7 @@ def check_compatible(manifest: Manifest, store: LogitStore, base_fingerprint: st
     where = manifest.path / MANIFEST
     if (manifest.n, manifest.m) != (store.n, store.m):
         raise ValueError(f"{where}: pattern {manifest.n}:{manifest.m}, but mask.pattern is {store.n}:{store.m}")
-    ours = dict(zip(store.names, store.shapes))
+    ours = dict(zip(store.names, store.shapes, strict=True))
     theirs = {layer.name: layer.shape for layer in manifest.layers}
     if ours != theirs:
         missing = sorted(set(ours) ^ set(theirs))[:5]

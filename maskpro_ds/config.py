@@ -65,7 +65,7 @@ class DataConfig:
     """Calibration text: a .txt (documents separated by blank lines), .json/.jsonl, .parquet file,
     a directory of them, or a hub dataset name 'name[:config]' (needs network)."""
     split: str = "train"
-    """Dataset split for hub datasets and json/parquet builders."""
+    """Dataset split of a hub dataset (a local file is one split)."""
     text_field: str = "text"
     """Column holding the text in json/parquet/hub datasets."""
     max_documents: int = 0

@@ -28,11 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from maskpro_ds.baseline_cache import (  # noqa: F401  (BaselineCache, baseline_fingerprint re-exported)
-    BaselineCache,
-    baseline_fingerprint,
-    write_bytes_atomic,
-)
+from maskpro_ds.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +251,7 @@ def build_samples(
         windows = _tokenize_windows(tokenizer, texts, seqlen)
         if path is not None:
             meta = {"fingerprint": fp, "format": _SAMPLES_FORMAT, "source": source, "seqlen": str(seqlen)}
-            write_bytes_atomic(path, save({"windows": windows.contiguous()}, metadata=meta))
+            atomic_write_bytes(path, save({"windows": windows.contiguous()}, metadata=meta))
     available = windows.shape[0]
     if num_samples is not None and num_samples > available:
         raise ValueError(

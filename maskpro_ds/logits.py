@@ -117,7 +117,7 @@ class LogitStore:
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: t for name, t in zip(self.names, self.logits)}
+        return {name: t for name, t in zip(self.names, self.logits, strict=True)}
 
     def group_ranges(self) -> dict[str, tuple[int, int]]:
         return {name: self.local_range(i) for i, name in enumerate(self.names)}

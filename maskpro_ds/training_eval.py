@@ -27,7 +27,8 @@ def masked_perplexity(trainer, windows: torch.Tensor, batch_size: int = 4) -> fl
     """exp(mean window CE) of the final mask, computed collectively by all ranks."""
     world, rank = trainer.info.world_size, trainer.info.rank
     mine = torch.arange(rank, windows.shape[0], world)
-    rounds = -(-(-(-windows.shape[0] // world)) // batch_size)
+    per_rank = -(-windows.shape[0] // world)  # ceil
+    rounds = -(-per_rank // batch_size)
     total = torch.zeros(2, dtype=torch.float64)
     for k in range(rounds):
         ids = mine[k * batch_size:(k + 1) * batch_size]

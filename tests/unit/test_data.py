@@ -118,6 +118,12 @@ def test_missing_file_names_the_source(tmp_path):
         load_texts(str(tmp_path / "nope.jsonl"))
 
 
+def test_unreachable_hub_dataset_says_what_to_do(tmp_path):
+    # conftest sets HF_DATASETS_OFFLINE=1, so a hub name can never be fetched here.
+    with pytest.raises(RuntimeError, match=r"'wikitext:wikitext-2-raw-v1' \(split 'test'\).*local file"):
+        load_texts("wikitext:wikitext-2-raw-v1", split="test", datasets_cache_dir=tmp_path / "hf")
+
+
 def test_missing_text_field_lists_the_columns(sources, tmp_path):
     with pytest.raises(ValueError, match=r"'content'.*\['text', 'id'\]"):
         load_texts(str(sources["jsonl"]), text_field="content", datasets_cache_dir=tmp_path / "hf")
