@@ -11,8 +11,10 @@ Non-finite losses skip the step everywhere (logits and δ untouched); guards hal
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import resource
 import time
 import uuid
@@ -22,6 +24,7 @@ import torch
 
 from maskpro_ds import checkpoint, distributed
 from maskpro_ds.artifacts import model_fingerprint, read_mask_artifact
+from maskpro_ds.atomic import atomic_write_text
 from maskpro_ds.baseline_cache import BaselineCache, baseline_fingerprint
 from maskpro_ds.config import Config
 from maskpro_ds.data import batch_ids, build_samples
@@ -38,9 +41,18 @@ from maskpro_ds.model import (
     select_targets,
 )
 from maskpro_ds.training_eval import heldout_windows, masked_perplexity
-from maskpro_ds.zero_utils import gathered
+from maskpro_ds.zero_utils import full_numel, gathered, is_released, local_numel, zero_partition
 
 logger = logging.getLogger(__name__)
+
+
+def _fault_injection(step: int, rank: int) -> None:
+    """Testing hook: MASKPRO_FAULT_STEP=k and MASKPRO_FAULT_RANK=r kill rank r (no cleanup) once step k
+    is done, the way an OOM kill or a node loss would. Unset in normal runs."""
+    fault_step = os.environ.get("MASKPRO_FAULT_STEP")
+    if fault_step is not None and step == int(fault_step) and rank == int(os.environ.get("MASKPRO_FAULT_RANK", "0")):
+        logger.error("MASKPRO_FAULT_STEP=%s: rank %d exits abruptly", fault_step, rank)
+        os._exit(137)
 
 
 class TrainingStopped(RuntimeError):
@@ -90,6 +102,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.metrics.tensorboard,
                                      jsonl=cfg.metrics.jsonl)
         self.metrics.truncate_after(self.step_index)
+        self.weight_digest_at_start = self._weight_digest()
 
     # ------------------------------------------------------------------ setup helpers
     def _build_samples(self, source: str, seqlen: int, num_samples: int):
@@ -276,6 +289,7 @@ class Trainer:
         try:
             while self.step_index < cfg.train.steps:
                 values = self.step()
+                _fault_injection(self.step_index, self.info.rank)
                 if cfg.train.eval_every and self.step_index % cfg.train.eval_every == 0:
                     values.update(self.evaluate())
                 if self.step_index % cfg.metrics.log_every == 0:
@@ -334,7 +348,34 @@ class Trainer:
         if self.info.is_main:
             logger.info("resumed from %s (step %d, written by %d ranks)", manifest.path, manifest.step, manifest.world_size)
 
+    def _weight_digest(self) -> list[float]:
+        """float64 sum and sum of squares of this rank's ZeRO-3 partitions (no gather): a cheap witness
+        that the frozen base never changes, and, summed over ranks, that the partitions are the model."""
+        total, squares = 0.0, 0.0
+        for param in self.model.parameters():
+            part = zero_partition(param).double()
+            total += float(part.sum())
+            squares += float((part * part).sum())
+        return [total, squares]
+
+    def rank_report(self) -> dict:
+        """Per-rank facts for tests and the memory bench, written to <run_dir>/ranks/rank-XXXXX.json."""
+        params = list(self.model.parameters())
+        return {
+            "rank": self.info.rank, "world_size": self.info.world_size, "step": self.step_index,
+            "param_local_numel": sum(local_numel(p) for p in params),
+            "param_full_numel": sum(full_numel(p) for p in params),
+            "params_released": sum(is_released(p) for p in params), "params_total": len(params),
+            "logit_local_bytes": self.store.local_bytes(), "logit_local_groups": self.store.num_local_groups(),
+            "weight_digest_start": self.weight_digest_at_start, "weight_digest_end": self._weight_digest(),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+
     def close(self) -> None:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
+        if hasattr(self, "weight_digest_at_start"):
+            out = self.run_dir / "ranks" / f"rank-{self.info.rank:05d}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, json.dumps(self.rank_report(), indent=1) + "\n")

@@ -30,6 +30,11 @@ def local_numel(param: torch.nn.Parameter) -> int:
     return int(param.ds_tensor.numel()) if is_zero3_param(param) else param.numel()
 
 
+def zero_partition(param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's stored slice of a parameter (the whole tensor when it is not partitioned)."""
+    return param.ds_tensor.data if is_zero3_param(param) else param.data
+
+
 def is_released(param: torch.nn.Parameter) -> bool:
     """True when a ZeRO-3 parameter currently holds no full copy on this rank (``.data`` is empty)."""
     return is_zero3_param(param) and param.data.numel() == 0
