@@ -29,7 +29,7 @@ import math
 import torch
 
 from maskpro_ds.masks import nm
-from maskpro_ds.masks.sampling import CHUNK_GROUPS, pair_probs, stable_exp_t
+from maskpro_ds.masks.sampling import check_finite, chunk_groups, pair_probs, stable_exp_t
 
 
 def _check_shape(logits: torch.Tensor, mask: torch.Tensor, n: int, name: str) -> None:
@@ -116,27 +116,39 @@ def _score2_t_(acc: list[torch.Tensor], ys: list[torch.Tensor], z: torch.Tensor,
         acc[j] += torch.where(s, torch.where(f, g_a, g_b), y * neg_q)
 
 
-def _score_chunks(logits: torch.Tensor, masks: list[torch.Tensor], weights: list[float]):
+def update_block(xt: torch.Tensor, masks_t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[k] * score(masks_t[k]) for a transposed block, N = 2: ``[M, g]``.
+
+    xt: logits ``[M, g]``; masks_t: bool ``[K, M, g]``; weights: ``[K]`` tensor. Pure elementwise
+    code, so ``torch.compile(update_block, dynamic=True)`` fuses it (pass it as ``kernel=``).
+    """
+    ys = stable_exp_t(xt)
+    z = sum(ys)
+    acc = [torch.zeros_like(y) for y in ys]
+    for k in range(masks_t.shape[0]):
+        _score2_t_(acc, ys, z, list(masks_t[k].unbind(0)), weights[k])
+    return torch.stack(acc, dim=0)
+
+
+def _score_chunks(logits: torch.Tensor, masks: list[torch.Tensor], weights: list[float], kernel=update_block):
     """Yield (start, stop, sum_k weights[k] * score(logits, masks[k])) chunk by chunk, N = 2.
 
-    Also checks every group of every mask keeps exactly 2 (cheap here, on transposed bool rows).
+    Also checks every group of every mask keeps exactly 2 (cheap here, on transposed bool rows);
+    group numbers in errors count from row 0 of ``logits``.
     """
     g_total, m = logits.shape
-    for start in range(0, g_total, CHUNK_GROUPS):
-        stop = min(start + CHUNK_GROUPS, g_total)
+    w = torch.tensor(weights, dtype=logits.dtype, device=logits.device)
+    step = chunk_groups(logits.device)
+    for start in range(0, g_total, step):
+        stop = min(start + step, g_total)
+        check_finite(logits[start:stop], start, "score")
         xt = logits[start:stop].t().contiguous()
-        ys = stable_exp_t(xt)
-        z = sum(ys)
-        acc = [torch.zeros_like(ys[0]) for _ in range(m)]
-        for mask, w in zip(masks, weights, strict=True):
-            rows = list(mask[start:stop].t().contiguous().unbind(0))
-            count = sum(row.to(torch.uint8) for row in rows)
-            if not bool((count == 2).all()):
-                bad = torch.nonzero(count != 2).flatten()[:8] + start
-                raise ValueError(f"score: mask is not strict 2:{m}; offending groups {bad.tolist()}")
-            if w != 0:
-                _score2_t_(acc, ys, z, rows, w)
-        yield start, stop, torch.stack(acc, dim=1)
+        masks_t = torch.stack([mask[start:stop].t() for mask in masks], dim=0)
+        count = masks_t.sum(dim=1, dtype=torch.uint8)
+        if not bool((count == 2).all()):
+            bad = torch.nonzero((count != 2).any(dim=0)).flatten()[:8] + start
+            raise ValueError(f"score: mask is not strict 2:{m}; offending groups {bad.tolist()}")
+        yield start, stop, kernel(xt, masks_t, w).t()
 
 
 def score(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -150,6 +162,7 @@ def score(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
     with torch.enable_grad():
         x = logits.detach().clone().requires_grad_(True)
         _check_mask(logits, mask, n, "score")
+        check_finite(logits, 0, "score")
         (grad,) = torch.autograd.grad(log_prob_set(x, mask, n).sum(), x)
     return grad
 
@@ -166,8 +179,12 @@ def accumulate_update(logits: torch.Tensor, masks: list[torch.Tensor], advantage
 
 
 def apply_update_(logits: torch.Tensor, masks: list[torch.Tensor], advantages: list[float],
-                  lr: float, n: int = 2) -> torch.Tensor:
-    """In-place :func:`accumulate_update`; chunked so each group's scores are read at the old pi."""
+                  lr: float, n: int = 2, kernel=update_block) -> torch.Tensor:
+    """In-place :func:`accumulate_update`; chunked so each group's scores are read at the old pi.
+
+    ``kernel`` computes an N = 2 chunk (default :func:`update_block`, plain torch); a compiled one
+    may round differently in the last bit, so every rank of a run must use the same one.
+    """
     if len(masks) != len(advantages) or not masks:
         raise ValueError(f"accumulate_update: need one advantage per mask, got {len(masks)} masks and "
                          f"{len(advantages)} advantages")
@@ -178,7 +195,7 @@ def apply_update_(logits: torch.Tensor, masks: list[torch.Tensor], advantages: l
         delta = sum(w * score(logits, m, n) for m, w in zip(masks, weights, strict=True) if w != 0)
         return logits.add_(delta) if torch.is_tensor(delta) else logits
     # Each chunk is transposed (copied) before anything is written, so in place is safe.
-    for start, stop, delta in _score_chunks(logits, masks, weights):
+    for start, stop, delta in _score_chunks(logits, masks, weights, kernel):
         logits[start:stop] += delta
     return logits
 

@@ -41,7 +41,13 @@ _MUL1 = 0x21F0AAAD
 _MUL2 = 0x735A2D97
 _INV_2_24 = 1.0 / (1 << 24)
 EXP_CAP = 60.0  # cap on logit - runner-up before exp (see module docstring)
-CHUNK_GROUPS = 1 << 15  # groups per chunk on the N = 2 path: a few hundred KB per temporary
+CHUNK_GROUPS = 1 << 15  # groups per CPU chunk on the N = 2 path: a few hundred KB per temporary
+CHUNK_GROUPS_ACCEL = 1 << 22  # on an accelerator, chunks only bound memory and launch count
+
+
+def chunk_groups(device: torch.device) -> int:
+    """Groups per chunk: cache-sized on CPU, large on accelerators. Never changes the result."""
+    return CHUNK_GROUPS if device.type == "cpu" else CHUNK_GROUPS_ACCEL
 
 
 def _mix32_py(x: int) -> int:
@@ -85,6 +91,9 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
 
 def counter_bits(key: int, counters: torch.Tensor) -> torch.Tensor:
     """32 random bits (int64 in [0, 2**32)) for every non-negative int64 counter under ``key``.
+
+    Counters must be >= 0 (not checked here: that would cost a pass; callers build them from
+    non-negative group indices).
 
     Round one mixes the low counter word xor the low key word; round two mixes that xor the high
     key word and the high counter word. Keys differing anywhere give unrelated streams, not a
@@ -159,7 +168,7 @@ def _pair_weights_t(xt: torch.Tensor) -> list[torch.Tensor]:
     """Unnormalised P({a,b}) * Z for every pair (lexicographic) of a block ``[M, g]``."""
     ys = stable_exp_t(xt)
     inv_excl = [e.reciprocal() for e in exclusive_sums(ys)]  # Z / (1 - p_a) / Z
-    pairs, _ = pair_table(len(ys))
+    pairs = itertools.combinations(range(len(ys)), 2)  # plain Python: traceable by torch.compile
     return [ys[a] * ys[b] * (inv_excl[a] + inv_excl[b]) for a, b in pairs]
 
 
@@ -170,7 +179,9 @@ def pair_probs(logits: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=1, keepdim=True)
 
 
-def _check_logits(logits: torch.Tensor, n: int) -> None:
+def _check_logits(logits: torch.Tensor, n: int, group_offset: int) -> None:
+    if int(group_offset) < 0:
+        raise ValueError(f"sample_masks: group_offset must be >= 0, got {group_offset}")
     if logits.dim() != 2:
         raise ValueError(f"sample_masks: logits must be [groups, M], got shape {tuple(logits.shape)}")
     m = logits.shape[1]
@@ -180,49 +191,76 @@ def _check_logits(logits: torch.Tensor, n: int) -> None:
         raise ValueError(f"sample_masks: logits must be floating point, got {logits.dtype}")
 
 
-def sample_pair_index(logits: torch.Tensor, key: int, group_offset: int = 0) -> torch.Tensor:
-    """N = 2 draw as an index into :func:`pair_table` (int64 ``[G]``): one uniform per group."""
-    _check_logits(logits, 2)
+def check_finite(rows: torch.Tensor, first_group: int, name: str) -> None:
+    """Raise if a ``[g, M]`` chunk of logits holds NaN or inf (a diverged run), naming the group."""
+    finite = torch.isfinite(rows)
+    if not bool(finite.all()):
+        bad = int(torch.nonzero(~finite.all(dim=1))[0, 0]) + first_group
+        raise ValueError(f"{name}: logits of group {bad} hold NaN or inf; the run diverged "
+                         f"(lower the lr or condition the advantages)")
+
+
+def pair_index_block(xt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF pair draw for a transposed block: logits ``[M, g]``, uniforms ``[g]`` -> int64 ``[g]``.
+
+    Pure elementwise code, so ``torch.compile(pair_index_block, dynamic=True)`` fuses it into one
+    loop (pass it as ``kernel=``). The cdf is a running fp32 sum (monotone) and v = u * total is
+    strictly below total for u <= 1 - 2**-24, so the chosen pair always has a positive weight.
+    """
+    weights = _pair_weights_t(xt)
+    cdf = weights[0]
+    cdfs = [cdf]
+    for w in weights[1:-1]:
+        cdf = cdf + w
+        cdfs.append(cdf)
+    v = u * (cdf + weights[-1])
+    idx = torch.zeros(u.shape, dtype=torch.int64, device=u.device)
+    for c in cdfs:
+        idx = idx + (c <= v).to(torch.int64)
+    return idx
+
+
+def sample_pair_index(logits: torch.Tensor, key: int, group_offset: int = 0, kernel=pair_index_block) -> torch.Tensor:
+    """N = 2 draw as an index into :func:`pair_table` (int64 ``[G]``): one uniform per group.
+
+    ``kernel`` computes a chunk (default :func:`pair_index_block`, plain torch). A compiled kernel
+    may round differently in the last bit: every rank of a run must use the same one.
+    """
+    _check_logits(logits, 2, group_offset)
     g_total, m = logits.shape
     out = torch.empty(g_total, dtype=torch.int64, device=logits.device)
-    for start in range(0, g_total, CHUNK_GROUPS):
-        stop = min(start + CHUNK_GROUPS, g_total)
+    step = chunk_groups(logits.device)
+    for start in range(0, g_total, step):
+        stop = min(start + step, g_total)
+        check_finite(logits[start:stop], group_offset + start, "sample_masks")
         xt = logits[start:stop].t().to(torch.float32).contiguous()
-        weights = _pair_weights_t(xt)
         counters = torch.arange(group_offset + start, group_offset + stop, device=logits.device)
-        u = counter_uniform(key, counters)
-        # Inverse CDF: cdf is a running fp32 sum (monotone); v = u * total < total exactly for
-        # u <= 1 - 2**-24, so the chosen pair always has a positive weight.
-        cdf = weights[0]
-        cdfs = [cdf]
-        for w in weights[1:-1]:
-            cdf = cdf + w
-            cdfs.append(cdf)
-        total = cdf + weights[-1]
-        v = u.mul_(total)
-        idx = torch.zeros(stop - start, dtype=torch.int64, device=logits.device)
-        for c in cdfs:
-            idx += c <= v
-        out[start:stop] = idx
+        out[start:stop] = kernel(xt, counter_uniform(key, counters))
     return out
 
 
-def sample_masks(logits: torch.Tensor, n: int, key: int, group_offset: int = 0) -> torch.Tensor:
+def sample_masks(logits: torch.Tensor, n: int, key: int, group_offset: int = 0,
+                 kernel=pair_index_block) -> torch.Tensor:
     """Draw one strict N:M mask per group from Plackett–Luce(softmax(logits)); bool ``[G, M]``.
 
     ``group_offset`` is the global index (within the layer) of row 0 of ``logits``; the draw of a
-    group depends only on ``key``, its global index and its own logits.
+    group depends only on ``key``, its global index and its own logits. ``kernel``: see
+    :func:`sample_pair_index` (N = 2 only).
     """
-    _check_logits(logits, n)
+    _check_logits(logits, n, group_offset)
     g_total, m = logits.shape
     if n == 2:
         _, masks = pair_table(m, logits.device)
-        return masks[sample_pair_index(logits, key, group_offset)]
-    # Gumbel-top-N; u in (0, 1) strictly: centre of the 24-bit cell.
-    counters = torch.arange(group_offset * m, (group_offset + g_total) * m, device=logits.device)
-    u = ((counter_bits(key, counters) >> 8).to(torch.float64) + 0.5) * _INV_2_24
-    gumbel = -torch.log(-torch.log(u))
-    perturbed = logits.to(torch.float64) + gumbel.view(g_total, m)
-    top = torch.topk(perturbed, n, dim=1).indices
+        return masks[sample_pair_index(logits, key, group_offset, kernel)]
     out = torch.zeros(g_total, m, dtype=torch.bool, device=logits.device)
-    return out.scatter_(1, top, True)
+    step = chunk_groups(logits.device)
+    for start in range(0, g_total, step):
+        stop = min(start + step, g_total)
+        check_finite(logits[start:stop], group_offset + start, "sample_masks")
+        first = (group_offset + start) * m
+        counters = torch.arange(first, first + (stop - start) * m, device=logits.device)
+        # Gumbel-top-N; u in (0, 1) strictly: the centre of its 24-bit cell.
+        u = ((counter_bits(key, counters) >> 8).to(torch.float64) + 0.5) * _INV_2_24
+        perturbed = logits[start:stop].to(torch.float64) - torch.log(-torch.log(u)).view(-1, m)
+        out[start:stop].scatter_(1, torch.topk(perturbed, n, dim=1).indices, True)
+    return out
