@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from maskpro_ds.export.base_model import COMPRESSION_KEYS, INDEX_FILE, BaseModel
-from maskpro_ds.export.st_io import PlannedTensor, Reader, ShardedWriter, TensorInfo, plan_shards, tensor_bytes
+from maskpro_ds.export.st_io import (
+    PlannedTensor,
+    Reader,
+    ShardedWriter,
+    TensorInfo,
+    plan_shards,
+    tensor_bytes,
+)
 
 
 def shard_name(i: int, count: int) -> str:

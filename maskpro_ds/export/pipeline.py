@@ -70,8 +70,8 @@ def check_fingerprint(base: BaseModel, recorded: str | None, source: str) -> boo
     return True
 
 
-def _make_sinks(formats, tmp: Path, base, masked, source, max_shard_bytes, logits_dtype):
-    sinks = []
+def _make_sinks(sinks: list, formats, tmp: Path, base, masked, source, max_shard_bytes, logits_dtype) -> None:
+    """Append one writer per format to ``sinks`` (appended as made, so a failure can close the others)."""
     for fmt in formats:
         if fmt == "hf-dense":
             sinks.append(HfDenseSink(tmp / fmt, base, masked, max_shard_bytes))
@@ -82,7 +82,6 @@ def _make_sinks(formats, tmp: Path, base, masked, source, max_shard_bytes, logit
         else:
             sinks.append(LogitsSink(tmp / fmt, source.shapes, source.n, source.m, logits_dtype,
                                     source.base_fingerprint, source.meta, max_shard_bytes))
-    return sinks
 
 
 def _stream(base: BaseModel, source, masked, sinks, chunk_elements: int, progress: bool | None) -> dict:
@@ -104,7 +103,6 @@ def _stream(base: BaseModel, source, masked, sinks, chunk_elements: int, progres
                 continue
             out_f, in_f = info.shape
             rows = max(1, chunk_elements // in_f)
-            kept = zeros = 0
             for r0 in range(0, out_f, rows):
                 r1 = min(out_f, r0 + rows)
                 mask, logits = source.rows(layer, r0, r1)
@@ -112,17 +110,12 @@ def _stream(base: BaseModel, source, masked, sinks, chunk_elements: int, progres
                 if bad.numel():
                     raise ValueError(f"{source.path}: layer {layer} is not strict {source.n}:{source.m} in "
                                      f"{bad.numel()} groups of rows {r0}..{r1}; refusing to export it")
-                pruned = None
-                if needs_weights:
-                    pruned = torch.where(mask, reader.read_rows(info, r0, r1), 0)
-                    zeros += int((pruned == 0).sum())
+                pruned = torch.where(mask, reader.read_rows(info, r0, r1), 0) if needs_weights else None
                 for sink in sinks:
                     sink.masked_rows(layer, r0, pruned, mask, logits)
-                kept += int(mask.sum())
                 bar.update((r1 - r0) * info.row_bytes)
-            stats[layer] = {"shape": [out_f, in_f], "kept": kept}
-            if needs_weights:
-                stats[layer]["zeros"] = zeros
+            # strict N:M was checked block by block, so the kept count follows from the shape
+            stats[layer] = {"shape": [out_f, in_f], "kept": out_f * in_f // source.m * source.n}
     finally:
         bar.close()
         reader.close()
@@ -150,8 +143,9 @@ def run_export(source, base_dir: str | os.PathLike, out: str | os.PathLike, form
     checked = check_fingerprint(base, source.base_fingerprint, str(source.path)) if fingerprint_check else False
 
     with atomic_directory(out, force=force) as tmp:
-        sinks = _make_sinks(formats, tmp, base, masked, source, max_shard_bytes, logits_dtype)
+        sinks: list = []
         try:
+            _make_sinks(sinks, formats, tmp, base, masked, source, max_shard_bytes, logits_dtype)
             stats = _stream(base, source, masked, sinks, chunk_elements, progress)
             results = {sink.format: sink.finish() for sink in sinks}
         except BaseException:

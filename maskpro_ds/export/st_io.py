@@ -274,12 +274,8 @@ def parse_size(text: str | int) -> int:
     s = str(text).strip().upper()
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            number = s[: -len(unit)].strip()
-            break
-    else:
-        number, factor = s, 1
+    unit = next((u for u in units if s.endswith(u)), "")
+    number, factor = s[: len(s) - len(unit)].strip(), units.get(unit, 1)
     try:
         value = float(number)
     except ValueError:
