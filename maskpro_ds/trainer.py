@@ -284,9 +284,9 @@ class Trainer:
     def _halve_lr(self, why: str) -> None:
         self.lr /= 2
         logger.warning("step %d: %s; halving lr to %.4g", self.step_index, why, self.lr)
-        if self.lr < self.cfg.train.lr / 1024:
+        if self.lr < self.cfg.train.lr / 1000:  # 10 halvings
             self.save()
-            raise TrainingStopped(f"lr fell below train.lr/1024 after repeated guard trips ({why}); checkpoint "
+            raise TrainingStopped(f"lr fell below train.lr/1000 after repeated guard trips ({why}); checkpoint "
                                   f"saved at step {self.step_index}")
 
     # ------------------------------------------------------------------ loop
