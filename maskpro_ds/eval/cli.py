@@ -85,8 +85,16 @@ def zeroshot_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.bigbench and not args.lm_eval_tasks:
         p.error("give at least one --bigbench task.json or --lm-eval-tasks")
-    from maskpro_ds.eval.zeroshot import evaluate_multiple_choice, load_bigbench_task, run_lm_eval
+    from maskpro_ds.eval.zeroshot import (
+        evaluate_multiple_choice,
+        lm_eval_missing,
+        load_bigbench_task,
+        run_lm_eval,
+    )
 
+    if args.lm_eval_tasks and (why := lm_eval_missing()):
+        print(f"eval_zeroshot: error: {why}", file=sys.stderr)  # before minutes of model loading
+        return 2
     try:
         model, tokenizer, applied = _load(args)
         out: dict = {"model": args.model, "mask": applied, "dtype": args.dtype, "tasks": {}}

@@ -136,19 +136,29 @@ def evaluate_multiple_choice(model, tokenizer, examples: list[MCExample], task: 
                     time_s=round(time.perf_counter() - t0, 3))
 
 
+def lm_eval_missing() -> str | None:
+    """None when lm-eval can be imported, else a message saying how to get it."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        return (
+            f"lm-eval is not installed ({e}); `pip install lm-eval` to run --lm-eval-tasks. "
+            "BIG-bench JSON tasks (--bigbench) need nothing extra."
+        )
+    return None
+
+
 def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = None,
                 limit: int | None = None, batch_size: int = 1) -> dict:
     """lm-eval's ``simple_evaluate`` on the loaded (possibly masked) model; local YAML tasks via
     ``include_path``. lm-eval is optional: without it this raises with the install command."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise RuntimeError(
-            f"lm-eval is not installed ({e}); `pip install lm-eval` to run --lm-eval-tasks. "
-            "BIG-bench JSON tasks (--bigbench) need nothing extra."
-        ) from e
+    missing = lm_eval_missing()
+    if missing:
+        raise RuntimeError(missing)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, task_manager=TaskManager(include_path=include_path), limit=limit,

@@ -41,7 +41,7 @@ class WeightFiles:
                 raise FileNotFoundError(f"{self.model_dir}: no *.safetensors files; is this an HF model directory?")
             for fname in files:
                 with safe_open(str(self.model_dir / fname), framework="pt") as f:
-                    self._where.update({key: fname for key in f.keys()})  # noqa: SIM118 - safe_open has no __iter__
+                    self._where.update({key: fname for key in f.keys()})
         self._handles: dict[str, object] = {}
 
     def __contains__(self, name: str) -> bool:
