@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from maskpro_ds.atomic import atomic_directory
-from maskpro_ds.masks.nm import pack_bits, unpack_bits, validate_nm
+from maskpro_ds.masks.nm import unpack_bits, validate_nm
 
 MASK_FILE = "masks.safetensors"
 MASK_MANIFEST = "mask_manifest.json"
@@ -107,19 +106,20 @@ def write_mask_artifact(
     report = validate_nm(masks, n, m)
     if not report.ok:
         raise ValueError(f"refusing to write a mask artifact that is not strict N:M\n{report.summary()}")
-    packed = {name: pack_bits(mask.cpu()).contiguous() for name, mask in masks.items()}
-    manifest = {
-        "format": MASK_FORMAT,
-        "version": FORMAT_VERSION,
-        "pattern": f"{n}:{m}",
-        "layers": {name: list(mask.shape) for name, mask in masks.items()},
-        "base_fingerprint": base_fingerprint,
-        "kept_fraction": n / m,
-        **(meta or {}),
-    }
+    # One writer for every mask artifact: the exporter's streaming sink (sorted header metadata, so the
+    # same masks always give the same bytes).
+    from maskpro_ds.export.mask_format import MaskSink
+
+    shapes = {name: (int(mask.shape[0]), int(mask.shape[1])) for name, mask in masks.items()}
     with atomic_directory(out_dir, force=force) as tmp:
-        save_file(packed, str(tmp / MASK_FILE), metadata={"format": MASK_FORMAT, "pattern": f"{n}:{m}"})
-        (tmp / MASK_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        sink = MaskSink(tmp, shapes, n, m, base_fingerprint, meta)
+        try:
+            for name, mask in masks.items():
+                sink.masked_rows(name, 0, None, mask.cpu(), None)
+            sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
     return Path(out_dir)
 
 
