@@ -111,3 +111,19 @@ def test_nan_loss_skips_the_step_everywhere_then_stops_with_a_checkpoint(setup):
     assert "3 consecutive steps had a non-finite loss" in proc.stderr + proc.stdout
     assert (run_dir2 / "checkpoints" / "latest").read_text().strip() == "step-000005"
     shutil.rmtree(run_dir2)
+
+
+def test_deviation_guard_halves_the_step_then_stops_with_a_checkpoint(setup):
+    run_dir = setup["root"] / "guard"
+    args = train_args(CONFIG, train__run_dir=run_dir, train__steps=20, train__max_deviation=1e-9,
+                      train__advantage_norm="rms", **setup["common"])
+    proc = torchrun(2, args, check=False)
+    assert proc.returncode != 0
+    assert "lr fell below train.lr/1000 after repeated guard trips" in proc.stderr + proc.stdout
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = [x["train/lr"] for x in lines]
+    assert lrs == [20.0 / 2 ** k for k in range(1, len(lrs) + 1)]  # every step tripped the guard once
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert len(lrs) == 9 and latest == "step-000010"  # the 10th halving stops the run inside step 10
+    state = json.loads((run_dir / "checkpoints" / latest / "manifest.json").read_text())["state"]
+    assert float.fromhex(state["lr"]) < 20.0 / 1000
