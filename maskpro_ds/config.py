@@ -176,6 +176,8 @@ class MetricsConfig:
     """Log metrics every K steps."""
     progress: bool = True
     """Show a tqdm progress line on rank 0."""
+    mask_stats_every: int = 10
+    """Every K steps also log the mean per-group mask entropy (a full pass over the logits; 0 = off)."""
 
 
 @dataclass

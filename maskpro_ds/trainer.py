@@ -30,7 +30,7 @@ from maskpro_ds.config import Config
 from maskpro_ds.data import batch_ids, build_samples
 from maskpro_ds.logits import LogitStore
 from maskpro_ds.masks.nm import magnitude_prior
-from maskpro_ds.masks.policy import AdvantageScaler, ResidualTracker
+from maskpro_ds.masks.policy import AdvantageScaler, ResidualTracker, mask_entropy
 from maskpro_ds.metrics import MetricsLogger, ProgressBar
 from maskpro_ds.model import (
     build_ds_config,
@@ -253,7 +253,20 @@ class Trainer:
             "train/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "train/skipped_steps": self.skipped_steps,
         })
+        if torch.cuda.is_available():
+            values["train/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        every = cfg.metrics.mask_stats_every
+        if every and self.step_index % every == 0 and store.n == 2:
+            values["train/mask_entropy"] = self._mask_entropy()
         return values
+
+    def _mask_entropy(self) -> float:
+        """Mean entropy (nats) of the per-group distributions over kept sets, across all ranks' slices."""
+        local = sum(mask_entropy(t, self.store.n) * t.shape[0] for t in self.store.logits if t.shape[0])
+        totals = distributed.all_gather_floats(torch.tensor([local, self.store.num_local_groups()],
+                                                            dtype=torch.float64, device=self.info.device))
+        totals = totals.sum(0).cpu()
+        return float(totals[0] / totals[1])
 
     def _skip_step(self, values: dict, t0: float) -> dict[str, float]:
         self.bad_steps += 1
