@@ -284,20 +284,37 @@ def test_single_file_base_gives_the_same_weights(setup, tmp_path):
     assert set(got) == set(want) and all(torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)) for k in want)
 
 
-def test_ct_sparse24_reference_decompressor(setup):
+_CT_DECOMPRESS = """
+import json, sys
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.config import SparsityCompressionConfig
+from safetensors.torch import save_file
+ct_dir, out = sys.argv[1], sys.argv[2]
+sparsity = json.loads(open(ct_dir + "/config.json").read())["quantization_config"]["sparsity_config"]
+# transformers < 5 reads "config_groups": {} as "no quantization": only the sparsity compressor is built
+compressor = ModelCompressor(sparsity_config=SparsityCompressionConfig.load_from_registry(sparsity["format"], **sparsity))
+save_file({k: v.contiguous() for k, v in compressor.sparsity_compressor.decompress(ct_dir)}, out)
+"""
+
+
+@pytest.mark.slow
+def test_ct_sparse24_reference_decompressor(setup, tmp_path):
     """compressed-tensors 0.14's own Sparse24BitMaskCompressor restores hf-dense bit for bit.
 
-    compressed-tensors is not a dependency (0.14 wants transformers < 5); this runs where it is importable,
-    e.g. PYTHONPATH with the unpacked 0.14.0 wheel and loguru."""
-    pytest.importorskip("compressed_tensors")
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.config import SparsityCompressionConfig
+    compressed-tensors is not a dependency (0.14 wants transformers < 5), so it is installed with
+    --no-deps into a scratch directory (needs PyPI) and run in a subprocess on that path."""
+    import subprocess
+    import sys
 
-    ct_dir = setup["out1"] / "ct-sparse24"
-    sparsity = json.loads((ct_dir / "config.json").read_text())["quantization_config"]["sparsity_config"]
-    # transformers < 5 reads "config_groups": {} as "no quantization": only the sparsity compressor is built
-    compressor = ModelCompressor(sparsity_config=SparsityCompressionConfig.load_from_registry(sparsity["format"], **sparsity))
-    restored = dict(compressor.sparsity_compressor.decompress(str(ct_dir)))
+    target = tmp_path / "ct"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    "compressed-tensors==0.14.0", "loguru"], check=True)
+    out = tmp_path / "restored.safetensors"
+    env = {**__import__("os").environ, "PYTHONPATH": str(target)}
+    subprocess.run([sys.executable, "-c", _CT_DECOMPRESS, str(setup["out1"] / "ct-sparse24"), str(out)], check=True, env=env)
+    from safetensors.torch import load_file
+
+    restored = load_file(str(out))
     dense = load_dir(setup["out1"] / "hf-dense")
     assert set(restored) == set(dense)
     assert all(torch.equal(restored[k].view(torch.uint8), dense[k].view(torch.uint8)) for k in dense)
