@@ -158,3 +158,17 @@ def test_mpirun(setup):
     env = base_env(MASTER_PORT=str(free_port()))
     run([str(BIN / "mpirun"), "-n", "2", str(BIN / "python"), TRAIN, *args], env=env)
     assert_same_logits(logits_at(run_dir, STEPS), logits_at(setup["run2"], STEPS))
+
+
+def test_online_baseline_matches_the_precomputed_one(setup):
+    """train.baseline=online recomputes f(m0) with a second forward each step instead of the cache.
+
+    Same numbers up to matmul blocking (the cached pass batched the samples differently), so the
+    trajectories agree to float rounding; a wrong baseline (e.g. the sampled mask) would give zero
+    residuals and logits stuck at C·m0."""
+    run_dir = setup["root"] / "online"
+    torchrun(2, train_args(CONFIG, train__run_dir=run_dir, train__baseline="online", **setup["common"]))
+    assert not (run_dir / "baseline.safetensors").exists()
+    got, want = logits_at(run_dir, STEPS), logits_at(setup["run2"], STEPS)
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=0, atol=1e-4), name
