@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from maskpro_ds.atomic import atomic_directory
+from maskpro_ds.atomic import atomic_directory, atomic_write_text
 from maskpro_ds.masks.nm import unpack_bits, validate_nm
 
 MASK_FILE = "masks.safetensors"
@@ -38,9 +38,31 @@ def _sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """sha256 of the model's config.json (canonical JSON) and the sha256 of every weight file."""
+def model_fingerprint(model_dir: str | os.PathLike, cache_file: str | os.PathLike | None = None) -> str:
+    """sha256 of the model's config.json (canonical JSON) and the sha256 of every weight file.
+
+    Hashing a 70B model reads ~140 GB (about 2 minutes). With ``cache_file`` the result is reused
+    while every weight file keeps its name, size and modification time (the run directory keeps one,
+    so a resume does not hash the model again).
+    """
     model_dir = Path(model_dir)
+    stamp = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(model_dir.iterdir())
+             if p.name.endswith(WEIGHT_SUFFIXES) or p.name == "config.json"}
+    key = {"dir": str(model_dir.resolve()), "files": stamp}
+    if cache_file is not None and Path(cache_file).is_file():
+        try:
+            cached = json.loads(Path(cache_file).read_text())
+            if cached.get("key") == key:
+                return cached["fingerprint"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # unreadable cache: recompute and overwrite it
+    fingerprint = _compute_fingerprint(model_dir)
+    if cache_file is not None:
+        atomic_write_text(cache_file, json.dumps({"key": key, "fingerprint": fingerprint}) + "\n")
+    return fingerprint
+
+
+def _compute_fingerprint(model_dir: Path) -> str:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; is this a Hugging Face model directory?")

@@ -75,7 +75,8 @@ class Trainer:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())
-        self.base_fingerprint = distributed.broadcast_object(model_fingerprint(model_dir) if self.info.is_main else None)
+        self.base_fingerprint = distributed.broadcast_object(
+            model_fingerprint(model_dir, self.run_dir / "base_fingerprint.json") if self.info.is_main else None)
 
         from transformers import AutoTokenizer
 

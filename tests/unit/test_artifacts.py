@@ -126,3 +126,16 @@ def test_split_groups_is_aligned_and_covers():
         assert ranges[0][0] == 0 and ranges[-1][1] == groups
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
         assert all(g0 % align == 0 for g0, _ in ranges)
+
+
+def test_fingerprint_cache_is_reused_until_a_weight_file_changes(tmp_path):
+    model = make_tiny_llama(tmp_path / "m", seed=0)
+    cache = tmp_path / "fp.json"
+    first = model_fingerprint(model, cache)
+    assert json.loads(cache.read_text())["fingerprint"] == first == model_fingerprint(model)
+    raw = json.loads(cache.read_text())
+    raw["fingerprint"] = "stale"
+    cache.write_text(json.dumps(raw))
+    assert model_fingerprint(model, cache) == "stale"  # same names, sizes, mtimes: the cache answers
+    make_tiny_llama(tmp_path / "m", seed=1)  # rewritten weights: new mtime, so it is hashed again
+    assert model_fingerprint(model, cache) not in ("stale", first)
