@@ -66,37 +66,40 @@ def make_priors(model_dir: Path, calib: Path, out: Path, sizes: DemoSizes) -> di
     return paths
 
 
-def train(model_dir: Path, calib: Path, prior: Path, run_dir: Path, sizes: DemoSizes) -> None:
+def train(model_dir: Path, calib: Path, prior: Path, run_dir: Path, sizes: DemoSizes,
+          extra: list[str] | None = None, port: int = 29517) -> None:
+    """MaskPro on 2 ranks with torchrun; resumes an interrupted run, skips a finished one."""
     if (run_dir / "checkpoints" / f"step-{sizes.steps:06d}" / "manifest.json").is_file():
         return
     resume = ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
     bin_dir = Path(sys.executable).parent
-    _run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29517",
+    _run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
           str(REPO / "launchers" / "train.py"), "--config", str(REPO / "configs" / "demo_smollm2.yaml"),
           f"--model.path={model_dir}", f"--model.dtype={sizes.dtype}", f"--data.source={calib}",
           f"--data.seqlen={sizes.seqlen}", f"--data.num_samples={sizes.num_samples}",
           f"--data.batch_size={sizes.batch_size}", f"--data.cache_dir={run_dir.parent / 'cache'}",
           f"--mask.prior={prior}", f"--train.run_dir={run_dir}", f"--train.steps={sizes.steps}",
-          f"--train.lr={sizes.lr}", "--metrics.progress=false", *resume],
-         run_dir.parent / "train.log")
+          f"--train.lr={sizes.lr}", "--metrics.progress=false", *(extra or []), *resume],
+         run_dir.parent / f"{run_dir.name}.log")
 
 
-def export(run_dir: Path, model_dir: Path, out: Path) -> None:
+def export(checkpoint: Path, model_dir: Path, out: Path, formats: str = "hf-dense,mask") -> None:
     if (out / "export.json").is_file():
         return
-    _run([sys.executable, str(REPO / "tools" / "export_masks.py"), str(run_dir / "checkpoints" / "latest"),
-          "--base", str(model_dir), "--out", str(out), "--format", "hf-dense,mask", "--force"],
-         out.parent / "export.log")
+    _run([sys.executable, str(REPO / "tools" / "export_masks.py"), str(checkpoint),
+          "--base", str(model_dir), "--out", str(out), "--format", formats, "--force"],
+         out.parent / f"{out.name}.log")
 
 
-def evaluate(model_dir: Path, heldout: Path, variants: dict[str, Path | None], sizes: DemoSizes) -> dict[str, dict]:
+def evaluate(model_dir: Path, heldout: Path, variants: dict[str, Path | None], sizes: DemoSizes,
+             threads: int = 2) -> dict[str, dict]:
     """Perplexity of the dense model and of each mask artifact applied to it (same dtype, same windows)."""
     import torch
 
     from maskpro_ds.eval.masked_model import apply_mask_artifact, load_causal_lm
     from maskpro_ds.eval.perplexity import perplexity
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model, tokenizer = load_causal_lm(model_dir, dtype=sizes.dtype)
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     text = heldout.read_text()
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = out / "train"
     train(assets.model_dir, assets.calib_text, priors["wanda"], run_dir, sizes)
     print("[4/5] export: hf-dense model + 1-bit mask artifact", flush=True)
-    export(run_dir, assets.model_dir, out / "export")
+    export(run_dir / "checkpoints" / "latest", assets.model_dir, out / "export")
     times["MaskPro 2:4 (from Wanda)"] = time.time() - t0
     print(f"[5/5] evaluate: held-out perplexity, seqlen {sizes.eval_seqlen}, {sizes.eval_tokens} tokens", flush=True)
     variants = {"dense": None, "magnitude 2:4": priors["magnitude"], "Wanda 2:4": priors["wanda"],
