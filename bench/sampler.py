@@ -1,13 +1,19 @@
-"""Throughput of 2:4 mask sampling and the logit update beside a plain softmax over the same logits.
+"""Cost of MaskPro's O(weights) work per training step, beside the matmuls of the same Linears.
 
-One 4096 x 11008 layer (11.3M groups of 4), fp32 logits = C * m0 + N(0, 0.01) noise. Each figure
-is the best of --repeat timed runs after one warm-up, all in this process, so the ratios compare
-like with like on whatever machine runs it. Writes bench/results/sampler.json.
+Two parts, all timed in this process so the ratios compare like with like on whatever machine
+runs it (best of --repeat runs after a warm-up). Writes bench/results/sampler.json.
 
-    python bench/sampler.py                 # 1 thread (the default, as in training on CPU)
-    python bench/sampler.py --threads 2
-    python bench/sampler.py --rows 1024     # a quarter-size layer, for a quick look
-    python bench/sampler.py --compile       # also time torch.compile'd chunk kernels (~1 min to build)
+* ``layer``: one 4096 x 11008 layer of 2:4 logits (C * m0 + N(0, 0.01)): the sampler and the
+  update beside a softmax over the same ``[G, 4]`` logits, plain torch and compiled kernels.
+* ``step``: the 210 Linears of SmolLM2-135M (106.2M weights), as rank 0 of R ranks does them in a
+  step: draw the R masks of its 1/R of the groups and pack them (the send buffer), apply its own
+  full mask to the weights (model.masked_weight: packed bits into one compiled select, or unpack +
+  torch.where with plain kernels; the masked forward's share), then the update with the
+  masks kept from the forward (or drawn again: ``cache_samples=False``). Beside it: the matmuls
+  of those Linears for one rank's batch (--tokens), the forward's main cost.
+
+    python bench/sampler.py                   # 1 thread, R = 1 and 2, 512 and 4096 tokens
+    python bench/sampler.py --part step --threads 2
 """
 
 from __future__ import annotations
@@ -18,30 +24,126 @@ import os
 import time
 from pathlib import Path
 
+# SmolLM2-135M: 30 blocks of q, k, v, o, gate, up, down (out, in).
+SMOLLM2_BLOCK = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=4096, help="out features of the layer")
-    parser.add_argument("--cols", type=int, default=11008, help="in features of the layer")
+    parser.add_argument("--part", choices=["layer", "step", "both"], default="both")
     parser.add_argument("--c", type=float, default=10.0, help="prior logit scale C")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (best is kept)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd kernels")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes R to model")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096], help="tokens per rank for the matmuls")
     parser.add_argument("--out", default="bench/results/sampler.json", help="JSON result path")
     return parser.parse_args()
 
 
-def best_time(fn, repeat: int, sync) -> float:
+def best_time(fn, repeat: int) -> float:
     fn()
-    sync()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
-        sync()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def layer_part(args, torch, nm, policy, sampling, select_kernels) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    prior = nm.magnitude_prior(torch.randn(4096, 11008, generator=gen), 2, 4)
+    logits = policy.init_logits(prior, args.c, 4) + 0.01 * torch.randn(4096 * 11008 // 4, 4, generator=gen)
+    groups = logits.shape[0]
+    keys = [sampling.key_scalar(0, 1, k, 0) for k in range(2)]
+    codes = sampling.sample_codes(logits, keys)
+    sample_c, update_c, name = select_kernels("auto")
+    work = logits.clone()
+    timings = {
+        "softmax over groups": lambda: torch.softmax(logits, dim=-1),
+        "sample_masks (bool [G,4])": lambda: sampling.sample_masks(logits, 2, keys[0]),
+        "sample 2 masks as codes, plain": lambda: sampling.sample_codes(logits, keys),
+        "update K=2, plain": lambda: policy.apply_update_codes_(work, codes, [1e-3, -1e-3], 50.0),
+    }
+    if name == "compiled":
+        timings["sample 2 masks as codes, compiled"] = lambda: sampling.sample_codes(
+            logits, keys, kernel=sample_c, chunk=1 << 16)
+        timings["update K=2, compiled"] = lambda: policy.apply_update_codes_(
+            work, codes, [1e-3, -1e-3], 50.0, kernel=update_c, chunk=1 << 16)
+    seconds = {k: best_time(fn, args.repeat) for k, fn in timings.items()}
+    base = seconds["softmax over groups"]
+    print(f"\nlayer 4096x11008: {groups} groups of 4, C={args.c}, threads={args.threads}, kernels {name}")
+    print(f"{'pass':<36} {'seconds':>8} {'Mgroups/s':>10} {'x softmax':>10}")
+    for k, sec in seconds.items():
+        print(f"{k:<36} {sec:8.3f} {groups / sec / 1e6:10.1f} {sec / base:10.2f}")
+    return {"groups": groups, "kernels": name, "seconds": seconds,
+            "ratio_to_softmax": {k: v / base for k, v in seconds.items()}}
+
+
+def step_part(args, torch, nm, LogitStore, masked_weight) -> dict:
+    shapes = SMOLLM2_BLOCK * 30
+    names = [f"layer{i}" for i in range(len(shapes))]
+    weights = sum(o * i for o, i in shapes)
+    gen = torch.Generator().manual_seed(0)
+    dense = [torch.randn(o, i, generator=gen) for o, i in shapes]
+    priors = [nm.magnitude_prior(w, 2, 4).view(-1, 4) for w in dense]
+    out: dict = {"weights": weights, "layers": len(shapes), "per_rank": {}}
+    print(f"\nSmolLM2-135M Linears: {len(shapes)} layers, {weights / 1e6:.1f}M weights, threads={args.threads}")
+    matmul = {}
+    for tokens in args.tokens:
+        xs = {i: torch.randn(tokens, i, generator=gen) for i in {s[1] for s in shapes}}
+        matmul[tokens] = best_time(lambda xs=xs: [xs[w.shape[1]] @ w.t() for w in dense], args.repeat)
+        print(f"matmuls of the masked Linears, {tokens} tokens: {matmul[tokens]:.3f} s")
+    out["matmul_s"] = matmul
+    print(f"{'R':>2} {'kernels':<9} {'cache':<6} {'sample+pack':>11} {'unpack+where':>12} {'update':>7} {'total':>7}  "
+          + "  ".join(f"{'/mm@' + str(t):>8}" for t in args.tokens))
+    for world in args.ranks:
+        for kernels, cache in (("plain", True), ("auto", True), ("auto", False)):
+            store = LogitStore(names, shapes, 2, 4, 0, world, seed=0, cache_samples=cache, kernels=kernels)
+            for layer, prior in enumerate(priors):
+                g0, g1 = store.local_range(layer)
+                store.init_from_prior(layer, prior[g0:g1], args.c)
+            kernel_name = store.kernels()[2]
+            packed = [nm.pack_bits(p.reshape(-1)) for p in priors]  # stands for the received mask bits
+            state = {"t": 0}
+
+            def forward_send(store=store, state=state):
+                store.mode = ("sample", state["t"])
+                for layer in range(len(shapes)):
+                    store.forward_send(layer)
+
+            def unpack_where(packed=packed, fused=kernel_name == "compiled"):
+                for w, bits in zip(dense, packed, strict=True):
+                    if fused:  # the trainer's path: packed bits straight into the compiled select
+                        masked_weight(w, bits)
+                    else:
+                        masked_weight(w, nm.unpack_bits(bits, w.numel()).view(w.shape))
+
+            def update(store=store, state=state, world=world):
+                for layer in range(len(shapes)):
+                    store.apply_update(layer, state["t"], [1e-3] * world, 50.0)
+                state["t"] += 1
+
+            def one_step():
+                forward_send()
+                update()
+
+            one_step()  # warm-up (and compile)
+            parts = {"sample_pack": [], "unpack_where": [], "update": []}
+            for _ in range(args.repeat):
+                for key, fn in (("sample_pack", forward_send), ("unpack_where", unpack_where), ("update", update)):
+                    start = time.perf_counter()
+                    fn()
+                    parts[key].append(time.perf_counter() - start)
+            best = {k: min(v) for k, v in parts.items()}
+            total = sum(best.values())
+            label = f"R{world}_{'compiled' if kernel_name == 'compiled' else 'plain'}_{'cache' if cache else 'redraw'}"
+            out["per_rank"][label] = {**best, "total": total,
+                                      **{f"total_over_matmul_{t}": total / matmul[t] for t in args.tokens}}
+            print(f"{world:>2} {kernel_name[:9]:<9} {str(cache):<6} {best['sample_pack']:11.3f} "
+                  f"{best['unpack_where']:12.3f} {best['update']:7.3f} {total:7.3f}  "
+                  + "  ".join(f"{total / matmul[t]:8.2f}" for t in args.tokens))
+    return out
 
 
 def main() -> None:
@@ -49,72 +151,21 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts its pool
     import torch
 
+    from maskpro_ds.logits import LogitStore, select_kernels
     from maskpro_ds.masks import nm, policy, sampling
+    from maskpro_ds.model import masked_weight
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(args.rows, args.cols, generator=gen)
-    prior = nm.magnitude_prior(weight, 2, 4)
-    logits = policy.init_logits(prior, args.c, 4)
-    logits += 0.01 * torch.randn(logits.shape, generator=gen)
-    logits = logits.to(device)
-    groups = logits.shape[0]
-    key = sampling.key_scalar(0, 1, 0, 0)
-    mask = sampling.sample_masks(logits, 2, key)
-    masks4 = [sampling.sample_masks(logits, 2, sampling.key_scalar(0, 1, k, 0)) for k in range(4)]
-    work = logits.clone()
-
-    timings = {
-        "softmax over groups": best_time(lambda: torch.softmax(logits, dim=-1), args.repeat, sync),
-        "copy": best_time(lambda: logits.clone(), args.repeat, sync),
-        "sample_masks (2:4)": best_time(lambda: sampling.sample_masks(logits, 2, key), args.repeat, sync),
-        "update, K=1": best_time(lambda: policy.apply_update_(work, [mask], [1e-3], 50.0), args.repeat, sync),
-        "update, K=4": best_time(lambda: policy.apply_update_(work, masks4, [1e-3] * 4, 50.0), args.repeat, sync),
-    }
-    if args.compile:
-        sample_kernel = torch.compile(sampling.pair_index_block, dynamic=True)
-        update_kernel = torch.compile(policy.update_block, dynamic=True)
-        compiled_mask = sampling.sample_masks(logits, 2, key, kernel=sample_kernel)
-        timings["sample_masks, compiled"] = best_time(
-            lambda: sampling.sample_masks(logits, 2, key, kernel=sample_kernel), args.repeat, sync)
-        timings["update K=1, compiled"] = best_time(
-            lambda: policy.apply_update_(work, [mask], [1e-3], 50.0, kernel=update_kernel), args.repeat, sync)
-        # Same bits as the plain path here; not guaranteed in general (last-bit rounding).
-        compiled_differs = int((compiled_mask != mask).any(dim=1).sum())
-    flips = float((mask != prior.view(-1, 4).to(device)).any(dim=1).float().mean())
-    base = timings["softmax over groups"]
-    print(f"layer {args.rows}x{args.cols}: {groups} groups of 4, C={args.c}, threads={args.threads}, "
-          f"device={device.type}, sampled flip rate {flips:.2e}")
-    print(f"{'pass':<22} {'seconds':>9} {'Mgroups/s':>10} {'x softmax':>10}")
-    for name, sec in timings.items():
-        print(f"{name:<22} {sec:9.4f} {groups / sec / 1e6:10.1f} {sec / base:10.2f}")
-
-    result = {
-        "groups_per_s": groups / timings["sample_masks (2:4)"],
-        "elementwise_groups_per_s": groups / base,
-        "ratio": timings["sample_masks (2:4)"] / base,
-        "ratio_meaning": "sample_masks time / softmax-over-groups time (lower is better)",
-        "update_groups_per_s": groups / timings["update, K=1"],
-        "update_k4_groups_per_s": groups / timings["update, K=4"],
-        "update_ratio": timings["update, K=1"] / base,
-        "copy_groups_per_s": groups / timings["copy"],
-        "groups": groups,
-        "threads": args.threads,
-        "device": device.type,
-        "torch": torch.__version__,
-        "flip_rate": flips,
-    }
-    if args.compile:
-        result["compiled_groups_per_s"] = groups / timings["sample_masks, compiled"]
-        result["compiled_update_groups_per_s"] = groups / timings["update K=1, compiled"]
-        result["compiled_groups_differing_from_plain"] = compiled_differs
+    result = {"threads": args.threads, "torch": torch.__version__}
+    with torch.no_grad():
+        if args.part in ("layer", "both"):
+            result["layer"] = layer_part(args, torch, nm, policy, sampling, select_kernels)
+        if args.part in ("step", "both"):
+            result["step"] = step_part(args, torch, nm, LogitStore, masked_weight)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"sampling runs at {result['ratio']:.2f}x the softmax time; update K=1 at "
-          f"{result['update_ratio']:.2f}x; wrote {out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from maskpro_ds.config import Config
+from maskpro_ds.masks import nm
 from maskpro_ds.zero_utils import full_shape
 
 logger = logging.getLogger(__name__)
@@ -136,12 +137,46 @@ def select_targets(model: torch.nn.Module, cfg: Config) -> list[Target]:
     return selected
 
 
+def _where_packed(packed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``where(bit i of packed, W.flat[i], +0.0)`` without a bool mask in memory (compiled below)."""
+    i = torch.arange(weight.numel(), device=weight.device)
+    bits = (packed[i >> 3].to(torch.int32) >> (i & 7).to(torch.int32)) & 1
+    return torch.where(bits.view(weight.shape).to(torch.bool), weight, 0.0)
+
+
+_compiled_where: dict[str, object] = {}  # device type -> compiled _where_packed, or None after a failure
+
+
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``where(mask, W, +0.0)`` for a bool ``[out, in]`` mask or its nm.pack_bits bytes.
+
+    Packed bits go through one compiled loop (bit lookup and select fused; a selection, so the
+    result is exactly the plain one); if torch.compile is unavailable, unpack then torch.where.
+    """
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    if mask.dtype == torch.bool:
+        return torch.where(mask, weight, zero)
+    kind = weight.device.type
+    if kind not in _compiled_where:
+        _compiled_where[kind] = torch.compile(_where_packed, dynamic=True)
+    kernel = _compiled_where[kind]
+    if kernel is not None:
+        try:
+            return kernel(mask, weight)
+        except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure: use the plain path
+            logger.warning("compiled masked weight failed (%s: %s); using unpack + torch.where", type(exc).__name__, exc)
+            _compiled_where[kind] = None
+    bits = nm.unpack_bits(mask, weight.numel()).view(weight.shape)
+    return torch.where(bits, weight, zero)
+
+
 class MaskedLinearForward:
     """Replacement ``forward`` for one Linear: ``F.linear(x, where(mask, W, 0), b)``.
 
-    ZeRO-3's pre-forward hook has gathered ``W`` by the time this runs; the mask (bool ``[out, in]``)
-    comes from ``mask_fn(layer_index)``. ``torch.where`` writes exactly +0.0 in pruned slots.
-    A plain attribute swap keeps the module, its parameters and DeepSpeed's hooks untouched.
+    ZeRO-3's pre-forward hook has gathered ``W`` by the time this runs; the mask comes from
+    ``mask_fn(layer_index)``: bool ``[out, in]`` or its packed bits (uint8, nm.pack_bits order).
+    Pruned slots hold exactly +0.0 (:func:`masked_weight`). A plain attribute swap keeps the
+    module, its parameters and DeepSpeed's hooks untouched.
     """
 
     def __init__(self, module: torch.nn.Linear, layer_index: int, mask_fn: Callable[[int], torch.Tensor]):
@@ -151,9 +186,7 @@ class MaskedLinearForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.module.weight
-        mask = self.mask_fn(self.layer_index)
-        masked = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-        return F.linear(x, masked, self.module.bias)
+        return F.linear(x, masked_weight(weight, self.mask_fn(self.layer_index)), self.module.bias)
 
 
 def install_masked_forward(targets: list[Target], mask_fn: Callable[[int], torch.Tensor]) -> None:

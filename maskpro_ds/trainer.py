@@ -87,7 +87,8 @@ class Trainer:
         self.engine, self.model = load_partitioned_model(cfg, self.ds_config)
         self.targets = select_targets(self.model, cfg)
         self.store = LogitStore([t.name for t in self.targets], [t.shape for t in self.targets], cfg.mask.n, cfg.mask.m,
-                                self.info.rank, self.info.world_size, cfg.train.seed, device=self.info.device)
+                                self.info.rank, self.info.world_size, cfg.train.seed, device=self.info.device,
+                                cache_samples=cfg.mask.cache_samples, kernels=cfg.mask.kernels)
         self.prior_identity = self._init_prior()
         install_masked_forward(self.targets, self.store.mask_for_forward)
 

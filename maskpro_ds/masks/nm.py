@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+# Row b holds the 8 bits of byte b, little-endian: unpacking is one row gather per byte.
+_UNPACK_TABLE = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.bool)
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -122,6 +124,6 @@ def unpack_bits(packed: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"unpack_bits: expected uint8, got {packed.dtype}")
     if packed.shape[-1] != (k + 7) // 8:
         raise ValueError(f"unpack_bits: last dim {packed.shape[-1]} does not hold {k} bits")
-    weights = _BIT_WEIGHTS.to(packed.device)
-    bits = (packed.unsqueeze(-1) & weights) != 0
+    table = _UNPACK_TABLE.to(packed.device)
+    bits = table.index_select(0, packed.reshape(-1).to(torch.int32))
     return bits.reshape(*packed.shape[:-1], -1)[..., :k]

@@ -17,6 +17,10 @@ Score ∇_pi log P(S):
   in log space (2^N log-sum-exps; fine up to N = 8).
 
 Update (method.md §3): pi <- pi - lr/K sum_k a_k ∇ log P(m_k | pi), every score taken at the OLD pi.
+:func:`apply_update_` takes bool masks; :func:`apply_update_codes_` (the sharded store's path)
+takes the sampler's per-group codes, runs the same fp32 operations in one kernel per chunk
+(:func:`update_final_block`, also giving the top-2 final mask for monitoring) and checks the
+result is finite once per call.
 The advantage a_k comes from :class:`ResidualTracker` (a_k = r_k - delta) and optionally
 :class:`AdvantageScaler` (method.md §7: keep the per-event logit change lr |a| in range).
 """
@@ -29,7 +33,14 @@ import math
 import torch
 
 from maskpro_ds.masks import nm
-from maskpro_ds.masks.sampling import check_finite, chunk_groups, pair_probs, stable_exp_t
+from maskpro_ds.masks.sampling import (
+    check_finite,
+    chunk_groups,
+    code_dtype,
+    masks_to_codes,
+    pair_probs,
+    stable_exp_t,
+)
 
 
 def _check_shape(logits: torch.Tensor, mask: torch.Tensor, n: int, name: str) -> None:
@@ -89,11 +100,12 @@ def log_prob_set(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tens
     return f[full]
 
 
-def _score2_t_(acc: list[torch.Tensor], ys: list[torch.Tensor], z: torch.Tensor, rows: list[torch.Tensor],
-               weight: float) -> None:
-    """acc[j] += weight * closed-form N = 2 score on a transposed block.
+def _score2_t_(acc: list[torch.Tensor | None], ys: list[torch.Tensor], z: torch.Tensor,
+               rows: list[torch.Tensor], weight) -> None:
+    """acc[j] += weight * closed-form N = 2 score on a transposed block (acc[j] None: set it).
 
     ys[j]: exps of position j (runner-up-relative), z = sum(ys), rows[j]: bool mask of position j.
+    A first term is stored, not added to zeros, so no sum depends on how 0 + (-0.0) is compiled.
     """
     # first[j]: position j is the lower-index selected one (a); the other selected one is b.
     first, seen = [], torch.zeros_like(rows[0])
@@ -113,24 +125,72 @@ def _score2_t_(acc: list[torch.Tensor], ys: list[torch.Tensor], z: torch.Tensor,
     # Unselected l: -p_l [1 + (A/B + B/A)/(1 + r)] = -y_l q with q <= 3 (Sa, Sb in [1, Z]).
     neg_q = -(inv_z + (s_a * inv_zr) / s_b + (s_b * inv_zr) / s_a) * weight
     for j, (y, s, f) in enumerate(zip(ys, rows, first, strict=True)):
-        acc[j] += torch.where(s, torch.where(f, g_a, g_b), y * neg_q)
+        term = torch.where(s, torch.where(f, g_a, g_b), y * neg_q)
+        acc[j] = term if acc[j] is None else acc[j] + term
 
 
-def update_block(xt: torch.Tensor, masks_t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[k] * score(masks_t[k]) for a transposed block, N = 2: ``[M, g]``.
+def _code_rows(code: torch.Tensor, m: int) -> list[torch.Tensor]:
+    """Bool row j (position j kept) of per-group mask codes ``[g]``."""
+    code = code.to(torch.int32)
+    return [((code >> j) & 1).to(torch.bool) for j in range(m)]
 
-    xt: logits ``[M, g]``; masks_t: bool ``[K, M, g]``; weights: ``[K]`` tensor. Pure elementwise
-    code, so ``torch.compile(update_block, dynamic=True)`` fuses it (pass it as ``kernel=``).
+
+def update_block(xt: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[k] * score(codes[k]) for a transposed block, N = 2: ``[M, g]``.
+
+    xt: fp32 logits ``[M, g]``; codes: mask codes ``[K, g]`` (sampling.codes_to_masks);
+    weights: ``[K]`` tensor.
     """
     ys = stable_exp_t(xt)
     z = sum(ys)
-    acc = [torch.zeros_like(y) for y in ys]
-    for k in range(masks_t.shape[0]):
-        _score2_t_(acc, ys, z, list(masks_t[k].unbind(0)), weights[k])
+    acc = [None] * len(ys)
+    for k in range(codes.shape[0]):
+        _score2_t_(acc, ys, z, _code_rows(codes[k], len(ys)), weights[k])
     return torch.stack(acc, dim=0)
 
 
-def _score_chunks(logits: torch.Tensor, masks: list[torch.Tensor], weights: list[float], kernel=update_block):
+def top2_code_t(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Code of the top-2 positions of each group of a transposed block (ties to the lower index).
+
+    Position j is kept when fewer than 2 positions beat it, k beating j if x_k > x_j or
+    (x_k == x_j and k < j): the order of nm.topn_mask's stable descending sort.
+    """
+    code = None
+    for j, xj in enumerate(rows):
+        beaten = None
+        for k, xk in enumerate(rows):
+            if k == j:
+                continue
+            b = (xk >= xj if k < j else xk > xj).to(torch.int32)
+            beaten = b if beaten is None else beaten + b
+        kept = (beaten < 2).to(torch.int32) << j
+        code = kept if code is None else code | kept
+    return code
+
+
+def update_final_block(xt: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor):
+    """The store's update of a transposed chunk ``[M, g]``, N = 2: (new logits ``[g, M]``, top-2 codes ``[g]``).
+
+    new = xt + :func:`update_block` (the fp32 operations of :func:`apply_update_`), and the
+    final-mask code of ``new`` for monitoring. Pure elementwise code:
+    ``torch.compile(update_final_block, dynamic=True)`` fuses it with the same bits (tests check).
+    """
+    delta = update_block(xt, codes, weights)
+    new_rows = [xt[j] + delta[j] for j in range(xt.shape[0])]
+    return torch.stack(new_rows, dim=1), top2_code_t(new_rows).to(codes.dtype)
+
+
+def top2_codes(logits: torch.Tensor) -> torch.Tensor:
+    """Codes ``[G]`` of :func:`final_mask` for N = 2 (same tie rule), without a sort."""
+    out = torch.empty(logits.shape[0], dtype=code_dtype(logits.shape[1]), device=logits.device)
+    step = chunk_groups(logits.device)
+    for start in range(0, logits.shape[0], step):
+        stop = min(start + step, logits.shape[0])
+        out[start:stop] = top2_code_t(list(logits[start:stop].t().unbind(0)))
+    return out
+
+
+def _score_chunks(logits: torch.Tensor, masks: list[torch.Tensor], weights: list[float]):
     """Yield (start, stop, sum_k weights[k] * score(logits, masks[k])) chunk by chunk, N = 2.
 
     Also checks every group of every mask keeps exactly 2 (cheap here, on transposed bool rows);
@@ -138,17 +198,18 @@ def _score_chunks(logits: torch.Tensor, masks: list[torch.Tensor], weights: list
     """
     g_total, m = logits.shape
     w = torch.tensor(weights, dtype=logits.dtype, device=logits.device)
+    check_finite(logits, 0, "score")
     step = chunk_groups(logits.device)
     for start in range(0, g_total, step):
         stop = min(start + step, g_total)
-        check_finite(logits[start:stop], start, "score")
         xt = logits[start:stop].t().contiguous()
-        masks_t = torch.stack([mask[start:stop].t() for mask in masks], dim=0)
-        count = masks_t.sum(dim=1, dtype=torch.uint8)
+        chunk = [mask[start:stop] for mask in masks]
+        count = torch.stack([c.sum(dim=1, dtype=torch.int32) for c in chunk])
         if not bool((count == 2).all()):
             bad = torch.nonzero((count != 2).any(dim=0)).flatten()[:8] + start
             raise ValueError(f"score: mask is not strict 2:{m}; offending groups {bad.tolist()}")
-        yield start, stop, kernel(xt, masks_t, w).t()
+        codes = torch.stack([masks_to_codes(c) for c in chunk])
+        yield start, stop, update_block(xt, codes, w).t()
 
 
 def score(logits: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -178,26 +239,61 @@ def accumulate_update(logits: torch.Tensor, masks: list[torch.Tensor], advantage
     return out
 
 
+def update_weights(advantages: list[float], lr: float) -> list[float]:
+    """The per-mask weights -lr a_k / K of the update."""
+    return [-float(lr) * float(a) / len(advantages) for a in advantages]
+
+
 def apply_update_(logits: torch.Tensor, masks: list[torch.Tensor], advantages: list[float],
-                  lr: float, n: int = 2, kernel=update_block) -> torch.Tensor:
+                  lr: float, n: int = 2) -> torch.Tensor:
     """In-place :func:`accumulate_update`; chunked so each group's scores are read at the old pi.
 
-    ``kernel`` computes an N = 2 chunk (default :func:`update_block`, plain torch); a compiled one
-    may round differently in the last bit, so every rank of a run must use the same one.
+    N = 2 runs :func:`update_block` (the kernel of the sharded store's
+    :func:`apply_update_codes_`, so both give the same bits).
     """
     if len(masks) != len(advantages) or not masks:
         raise ValueError(f"accumulate_update: need one advantage per mask, got {len(masks)} masks and "
                          f"{len(advantages)} advantages")
     for mask in masks:
         _check_shape(logits, mask, n, "accumulate_update")
-    weights = [-float(lr) * float(a) / len(masks) for a in advantages]
+    weights = update_weights(advantages, lr)
     if n != 2:
         delta = sum(w * score(logits, m, n) for m, w in zip(masks, weights, strict=True) if w != 0)
         return logits.add_(delta) if torch.is_tensor(delta) else logits
     # Each chunk is transposed (copied) before anything is written, so in place is safe.
-    for start, stop, delta in _score_chunks(logits, masks, weights, kernel):
+    for start, stop, delta in _score_chunks(logits, masks, weights):
         logits[start:stop] += delta
     return logits
+
+
+def apply_update_codes_(logits: torch.Tensor, codes: torch.Tensor, advantages: list[float], lr: float,
+                        kernel=update_final_block, check: bool = True, chunk: int | None = None,
+                        transpose: bool = True) -> torch.Tensor:
+    """:func:`apply_update_` for N = 2 from per-group mask codes; returns the top-2 codes after it.
+
+    fp32 ``logits [G, M]`` are updated in place. ``codes`` ``[K, G]``: strict 2-of-M codes (the
+    sampler's output; not re-checked). ``kernel``: :func:`update_final_block` or a compiled copy
+    giving the same bits. ``check`` raises if the updated logits hold NaN or inf. ``chunk`` and
+    ``transpose``: as in sampling.sample_codes (speed only).
+    """
+    if codes.dim() != 2 or codes.shape[0] != len(advantages) or not len(advantages):
+        raise ValueError(f"apply_update_codes_: need codes [K, G] and K advantages, got {tuple(codes.shape)} and {len(advantages)}")
+    if logits.dtype != torch.float32 or logits.dim() != 2:
+        raise ValueError(f"apply_update_codes_: need fp32 logits [G, M], got {logits.dtype} {tuple(logits.shape)}")
+    g_total, m = logits.shape
+    if codes.shape[1] != g_total:
+        raise ValueError(f"apply_update_codes_: codes cover {codes.shape[1]} groups, logits {g_total}")
+    w = torch.tensor(update_weights(advantages, lr), dtype=torch.float32, device=logits.device)
+    final = torch.empty(g_total, dtype=code_dtype(m), device=logits.device)
+    step = chunk or chunk_groups(logits.device)
+    for start in range(0, g_total, step):
+        stop = min(start + step, g_total)
+        xt = logits[start:stop].t()
+        new, final[start:stop] = kernel(xt.contiguous() if transpose else xt, codes[:, start:stop].contiguous(), w)
+        logits[start:stop] = new
+    if check:
+        check_finite(logits, 0, "update")
+    return final
 
 
 def init_logits(prior_mask: torch.Tensor, c: float, m: int) -> torch.Tensor:

@@ -16,15 +16,20 @@ probabilities softmax(pi) (Plackett–Luce). Two exact paths:
 * N = 2: one uniform per group and the inverse CDF over the C(M, 2) unordered pairs (lexicographic
   order) with P({a, b}) = p_a p_b (1/(1 - p_a) + 1/(1 - p_b)). Every 1 - p is computed as the sum
   of the other terms (no cancellation). Exponentials are taken relative to the group's runner-up
-  logit and capped at e^60, so every normaliser holds a term >= 1: logits that differ by hundreds
-  give neither NaN nor a wrong count (the cap changes probabilities by a relative e^-60).
-  Resolution is 2**-24: a pair rarer than ~6e-8 may be drawn at a rate off by that much.
+  logit and capped at e^60 (and floored at e^-80), so every normaliser holds a term >= 1: logits
+  that differ by hundreds give neither NaN nor a wrong count (the cap changes probabilities by a
+  relative e^-60). Resolution is 2**-24: a pair rarer than ~6e-8 may be drawn at a rate off by
+  that much. The fp32 exponential is built from exactly rounded operations (:func:`exp_exact_ops`,
+  ~1 ulp), so plain torch and a torch.compile'd kernel give the same bits on any chunking.
 * other N: Gumbel-top-N with one uniform per weight (counter ``global_group * M + j``). The 24-bit
   uniform bounds the Gumbel noise to about [-2.9, 17.3], so a logit gap above ~20 (probability
   ~2e-9) is never bridged.
 
 The N = 2 path works on chunks of groups transposed to ``[M, chunk]`` so every operation is a
 contiguous, cache-sized vector op (softmax over a last dim of 4 is far slower in stock torch).
+Its draws come out as per-group codes (bit j set = position j kept: 4 bits for M = 4), which pack
+to nm.pack_bits bytes without a bool ``[G, M]`` detour, and R draws of a chunk share its pair
+weights (:func:`pair_code_block`, the kernel the sharded store compiles).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import itertools
 from functools import cache
 
 import torch
+
+from maskpro_ds.masks.nm import pack_bits, unpack_bits
 
 _MASK32 = 0xFFFFFFFF
 # Multipliers of a two-multiply xorshift mixer found by the hash-prospector search (bias ~0.108);
@@ -89,6 +96,16 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _hash_counters(k_lo, k_hi, counters: torch.Tensor) -> torch.Tensor:
+    """:func:`counter_bits` with the key given as its two 32-bit words (ints or int64 0-d tensors)."""
+    x = counters.to(torch.int64)
+    hi = x >> 32
+    x = x.bitwise_and(_MASK32).bitwise_xor_(k_lo)
+    _mix32_(x)
+    x.bitwise_xor_(hi).bitwise_xor_(k_hi)
+    return _mix32_(x)
+
+
 def counter_bits(key: int, counters: torch.Tensor) -> torch.Tensor:
     """32 random bits (int64 in [0, 2**32)) for every non-negative int64 counter under ``key``.
 
@@ -100,13 +117,7 @@ def counter_bits(key: int, counters: torch.Tensor) -> torch.Tensor:
     relabelling of the counters.
     """
     key = int(key)
-    k_lo, k_hi = key & _MASK32, (key >> 32) & _MASK32
-    x = counters.to(torch.int64)
-    hi = x >> 32
-    x = x.bitwise_and(_MASK32).bitwise_xor_(k_lo)
-    _mix32_(x)
-    x.bitwise_xor_(hi).bitwise_xor_(k_hi)
-    return _mix32_(x)
+    return _hash_counters(key & _MASK32, (key >> 32) & _MASK32, counters)
 
 
 def counter_uniform(key: int, counters: torch.Tensor) -> torch.Tensor:
@@ -129,11 +140,41 @@ def pair_table(m: int, device: torch.device | str = "cpu") -> tuple[tuple[tuple[
     return pairs, masks.to(device)
 
 
+# exp(v) = 2**k * P(r), r = v - k ln 2 (Cody-Waite, ln 2 split so k * _LN2_HI is exact), P the
+# Cephes expf polynomial (~1 ulp). Built from +, *, round and a bit cast only: each is exactly
+# rounded, so plain torch (vector body or scalar tail, any chunking) and a compiled kernel give
+# the same bits. torch.exp does not: MKL, Sleef and libm differ in the last bit.
+_LOG2E = 1.44269504088896341
+_LN2_HI = 0.693359375
+_LN2_LO = -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+EXP_FLOOR = -80.0  # below this exp(v) < 2e-35 is returned as exp(-80): no denormals anywhere
+
+
+def exp_exact_ops(v: torch.Tensor) -> torch.Tensor:
+    """exp of fp32 ``v`` clamped to [EXP_FLOOR, EXP_CAP], reproducible bit for bit everywhere.
+
+    Other dtypes (fp64 for exact probabilities in tests and reports) use torch.exp(min(v, EXP_CAP)).
+    """
+    if v.dtype != torch.float32:
+        return torch.exp(v.clamp_max(EXP_CAP))
+    v = v.clamp(EXP_FLOOR, EXP_CAP)
+    k = torch.round(v * _LOG2E)
+    r = (v - k * _LN2_HI) - k * _LN2_LO
+    p = r * _EXP_POLY[0] + _EXP_POLY[1]
+    for c in _EXP_POLY[2:]:
+        p = p * r + c
+    p = (p * (r * r) + r) + 1.0
+    scale = ((k.to(torch.int32) + 127) << 23).view(torch.float32)
+    return p * scale
+
+
 def stable_exp_t(xt: torch.Tensor) -> list[torch.Tensor]:
     """Per-position exponentials of a transposed group block ``[M, g]``, relative to the runner-up.
 
-    Returns y_j = exp(min(x_j - runner_up, EXP_CAP)) as M vectors. At least two entries per group
-    are >= 1 (the top two), so any sum that leaves out one entry is >= 1 and never underflows.
+    Returns y_j = exp(min(x_j - runner_up, EXP_CAP)) as M vectors (:func:`exp_exact_ops`). At
+    least two entries per group are exactly 1 or more (the top two), so any sum that leaves out
+    one entry is >= 1 and never underflows.
     """
     rows = list(xt.unbind(0))
     max1 = torch.maximum(rows[0], rows[1])
@@ -141,7 +182,9 @@ def stable_exp_t(xt: torch.Tensor) -> list[torch.Tensor]:
     for row in rows[2:]:
         max2 = torch.maximum(max2, torch.minimum(max1, row))
         max1 = torch.maximum(max1, row)
-    return [torch.exp((row - max2).clamp_max_(EXP_CAP)) for row in rows]
+    if xt.is_contiguous():  # one op over the block (eager: fewer calls); the same bits either way
+        return list(exp_exact_ops(xt - max2).unbind(0))
+    return [exp_exact_ops(row - max2) for row in rows]  # a strided view: keep compiled loops 1-D
 
 
 def exclusive_sums(ys: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -192,7 +235,13 @@ def _check_logits(logits: torch.Tensor, n: int, group_offset: int) -> None:
 
 
 def check_finite(rows: torch.Tensor, first_group: int, name: str) -> None:
-    """Raise if a ``[g, M]`` chunk of logits holds NaN or inf (a diverged run), naming the group."""
+    """Raise if a ``[g, M]`` block of logits holds NaN or inf (a diverged run), naming the group.
+
+    The common case costs one reduction: a sum of finite values is finite unless it overflows,
+    and only then (or for a real NaN/inf) is the exact element-wise test run.
+    """
+    if rows.numel() == 0 or bool(torch.isfinite(rows.sum())):
+        return
     finite = torch.isfinite(rows)
     if not bool(finite.all()):
         bad = int(torch.nonzero(~finite.all(dim=1))[0, 0]) + first_group
@@ -200,58 +249,135 @@ def check_finite(rows: torch.Tensor, first_group: int, name: str) -> None:
                          f"(lower the lr or condition the advantages)")
 
 
-def pair_index_block(xt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF pair draw for a transposed block: logits ``[M, g]``, uniforms ``[g]`` -> int64 ``[g]``.
+# ---------------------------------------------------------------------------------------------
+# N = 2: masks as integer codes (bit j set = position j kept); M <= 8 fits a byte.
+MAX_CODE_M = 31
 
-    Pure elementwise code, so ``torch.compile(pair_index_block, dynamic=True)`` fuses it into one
-    loop (pass it as ``kernel=``). The cdf is a running fp32 sum (monotone) and v = u * total is
-    strictly below total for u <= 1 - 2**-24, so the chosen pair always has a positive weight.
+
+def code_dtype(m: int) -> torch.dtype:
+    """Dtype of per-group mask codes: uint8 up to M = 8, int32 above (M <= 31)."""
+    if m > MAX_CODE_M:
+        raise ValueError(f"N = 2 sampling supports M <= {MAX_CODE_M}, got M={m}")
+    return torch.uint8 if m <= 8 else torch.int32
+
+
+def pair_codes(m: int) -> list[int]:
+    """Codes of the C(M, 2) unordered pairs in lexicographic order (the order of :func:`pair_table`)."""
+    return [(1 << a) | (1 << b) for a, b in itertools.combinations(range(m), 2)]
+
+
+def codes_to_masks(codes: torch.Tensor, m: int) -> torch.Tensor:
+    """Per-group codes ``[G]`` -> bool masks ``[G, M]``."""
+    shifts = torch.arange(m, dtype=torch.int32, device=codes.device)
+    return ((codes.to(torch.int32).unsqueeze(1) >> shifts) & 1).to(torch.bool)
+
+
+def masks_to_codes(masks: torch.Tensor) -> torch.Tensor:
+    """Bool masks ``[G, M]`` -> per-group codes ``[G]`` (inverse of :func:`codes_to_masks`)."""
+    m = masks.shape[1]
+    weights = torch.tensor([1 << j for j in range(m)], dtype=torch.int32, device=masks.device)
+    return (masks.to(torch.int32) * weights).sum(dim=1, dtype=torch.int32).to(code_dtype(m))
+
+
+def codes_to_packed(codes: torch.Tensor, m: int) -> torch.Tensor:
+    """Per-group codes ``[G]`` -> the nm.pack_bits bytes of their ``[G, M]`` masks (no bool detour for M = 4, 8)."""
+    if m == 8:
+        return codes.contiguous()
+    if m == 4:
+        if codes.shape[0] % 2:
+            codes = torch.cat([codes, codes.new_zeros(1)])
+        pairs = codes.view(-1, 2)
+        return pairs[:, 0] | (pairs[:, 1] << 4)
+    return pack_bits(codes_to_masks(codes, m).reshape(-1))
+
+
+def packed_to_codes(packed: torch.Tensor, g: int, m: int) -> torch.Tensor:
+    """Inverse of :func:`codes_to_packed` for ``g`` groups."""
+    if m == 8:
+        return packed[:g]
+    if m == 4:
+        return torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[:g]
+    return masks_to_codes(unpack_bits(packed, g * m).view(g, m))
+
+
+def pair_code_block(xt: torch.Tensor, first: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor) -> torch.Tensor:
+    """R draws (N = 2) for a transposed chunk: fp32 logits ``[M, g]`` -> mask codes ``[R, g]``.
+
+    ``first``: global index of group 0 (int64 0-d tensor); ``k_lo``/``k_hi``: the R keys' 32-bit
+    words (int64 ``[R]``), tensors so that a compiled kernel is not specialised on them. The pair
+    weights are computed once and shared by the R draws. Each draw takes one uniform per group
+    (counter = global group index) and inverts the CDF over the pairs: the cdf is a running fp32
+    sum (monotone) and v = u * total is strictly below total for u <= 1 - 2**-24, so the pair
+    drawn always has a positive weight. Pure elementwise code:
+    ``torch.compile(pair_code_block, dynamic=True)`` fuses it with the same bits (tests check).
     """
+    m, g = xt.shape
+    counters = torch.arange(g, dtype=torch.int64, device=xt.device) + first
     weights = _pair_weights_t(xt)
     cdf = weights[0]
     cdfs = [cdf]
     for w in weights[1:-1]:
         cdf = cdf + w
         cdfs.append(cdf)
-    v = u * (cdf + weights[-1])
-    idx = torch.zeros(u.shape, dtype=torch.int64, device=u.device)
-    for c in cdfs:
-        idx = idx + (c <= v).to(torch.int64)
-    return idx
+    total = cdf + weights[-1]
+    codes = pair_codes(m)
+    out = []
+    for r in range(k_lo.shape[0]):
+        u = (_hash_counters(k_lo[r], k_hi[r], counters) >> 8).to(torch.float32) * _INV_2_24
+        v = u * total
+        # code of pair idx = codes[0] + sum_{k < idx} (codes[k+1] - codes[k]), idx = #{k: cdf_k <= v}
+        code = torch.full((g,), codes[0], dtype=torch.int32, device=xt.device)
+        for k, c in enumerate(cdfs):
+            code = code + (c <= v).to(torch.int32) * (codes[k + 1] - codes[k])
+        out.append(code.to(code_dtype(m)))
+    return torch.stack(out, dim=0)
 
 
-def sample_pair_index(logits: torch.Tensor, key: int, group_offset: int = 0, kernel=pair_index_block) -> torch.Tensor:
-    """N = 2 draw as an index into :func:`pair_table` (int64 ``[G]``): one uniform per group.
+def key_words(keys: list[int], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low and high 32-bit words of the keys as int64 ``[R]`` tensors (kernel arguments)."""
+    keys = [int(k) for k in keys]
+    return (torch.tensor([k & _MASK32 for k in keys], dtype=torch.int64, device=device),
+            torch.tensor([(k >> 32) & _MASK32 for k in keys], dtype=torch.int64, device=device))
 
-    ``kernel`` computes a chunk (default :func:`pair_index_block`, plain torch). A compiled kernel
-    may round differently in the last bit: every rank of a run must use the same one.
+
+def sample_codes(logits: torch.Tensor, keys: list[int], group_offset: int = 0, kernel=pair_code_block,
+                 check: bool = True, chunk: int | None = None, transpose: bool = True) -> torch.Tensor:
+    """N = 2 draws under each of ``keys`` as per-group mask codes ``[R, G]`` (:func:`codes_to_masks`).
+
+    Row r equals ``sample_masks(logits, 2, keys[r], group_offset)`` as codes. ``kernel`` computes
+    a chunk (default :func:`pair_code_block`, plain torch); a compiled one must give the same bits
+    (maskpro_ds.logits.select_kernels checks that before using one). ``check=False`` skips the
+    finiteness check, for callers that check their logits once per update instead. ``chunk``
+    (groups per kernel call) and ``transpose`` (hand the kernel a contiguous ``[M, g]`` copy rather
+    than a transposed view, best for plain torch) change speed only, never the result.
     """
     _check_logits(logits, 2, group_offset)
     g_total, m = logits.shape
-    out = torch.empty(g_total, dtype=torch.int64, device=logits.device)
-    step = chunk_groups(logits.device)
+    out = torch.empty(len(keys), g_total, dtype=code_dtype(m), device=logits.device)
+    if check:
+        check_finite(logits, int(group_offset), "sample_masks")
+    k_lo, k_hi = key_words(keys, logits.device)
+    step = chunk or chunk_groups(logits.device)
     for start in range(0, g_total, step):
         stop = min(start + step, g_total)
-        check_finite(logits[start:stop], group_offset + start, "sample_masks")
-        xt = logits[start:stop].t().to(torch.float32).contiguous()
-        counters = torch.arange(group_offset + start, group_offset + stop, device=logits.device)
-        out[start:stop] = kernel(xt, counter_uniform(key, counters))
+        first = torch.tensor(int(group_offset) + start, dtype=torch.int64, device=logits.device)
+        xt = logits[start:stop].to(torch.float32).t()
+        out[:, start:stop] = kernel(xt.contiguous() if transpose else xt, first, k_lo, k_hi)
     return out
 
 
 def sample_masks(logits: torch.Tensor, n: int, key: int, group_offset: int = 0,
-                 kernel=pair_index_block) -> torch.Tensor:
+                 kernel=pair_code_block) -> torch.Tensor:
     """Draw one strict N:M mask per group from Plackett–Luce(softmax(logits)); bool ``[G, M]``.
 
     ``group_offset`` is the global index (within the layer) of row 0 of ``logits``; the draw of a
     group depends only on ``key``, its global index and its own logits. ``kernel``: see
-    :func:`sample_pair_index` (N = 2 only).
+    :func:`sample_codes` (N = 2 only).
     """
     _check_logits(logits, n, group_offset)
     g_total, m = logits.shape
     if n == 2:
-        _, masks = pair_table(m, logits.device)
-        return masks[sample_pair_index(logits, key, group_offset, kernel)]
+        return codes_to_masks(sample_codes(logits, [key], group_offset, kernel)[0], m)
     out = torch.zeros(g_total, m, dtype=torch.bool, device=logits.device)
     step = chunk_groups(logits.device)
     for start in range(0, g_total, step):
