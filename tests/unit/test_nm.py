@@ -75,3 +75,16 @@ def test_unpack_bits_rejects_wrong_input():
         nm.unpack_bits(torch.zeros(2, dtype=torch.int32), 16)
     with pytest.raises(ValueError, match="does not hold"):
         nm.unpack_bits(torch.zeros(2, dtype=torch.uint8), 17)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (3, 8), (5, 16)])
+def test_topn_matches_a_stable_sort_with_heavy_ties(n, m):
+    torch.manual_seed(n * 100 + m)
+    scores = torch.randint(-3, 4, (257, 4 * m)).float()  # 7 distinct values: ties everywhere
+    scores[0] = 0.0
+    scores[1, :m] = torch.tensor([-0.0, 0.0] * (m // 2))  # signed zeros tie
+    scores[2, :m] = float("inf")
+    groups = scores.reshape(-1, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[:, :n]
+    want = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True).reshape(scores.shape)
+    assert torch.equal(nm.topn_mask(scores, n, m), want)
