@@ -93,7 +93,9 @@ class Trainer:
         install_masked_forward(self.targets, self.store.mask_for_forward)
 
         self.tracker = ResidualTracker(alpha=cfg.train.alpha, order=cfg.train.tracker_order)
-        self.scaler = AdvantageScaler(mode=cfg.train.advantage_norm, clip=cfg.train.advantage_clip)
+        # advantage_clip is in loss units and only bounds the "clip" mode; "rms" is unclipped.
+        clip = cfg.train.advantage_clip if cfg.train.advantage_norm == "clip" else None
+        self.scaler = AdvantageScaler(mode=cfg.train.advantage_norm, clip=clip)
         self.step_index = 0
         self.lr = cfg.train.lr
         self.bad_steps = 0
@@ -145,11 +147,12 @@ class Trainer:
                     raise ValueError(f"mask.prior {cfg.mask.prior}: layer {target.name} has shape "
                                      f"{list(artifact.shapes[target.name])}, the model has {list(target.shape)}; "
                                      "the prior was made for another model")
-                full = artifact.layer_mask(target.name)
+                mine = artifact.layer_mask(target.name).reshape(-1, cfg.mask.m)[g0:g1]
             else:
-                with gathered([target.module.weight]):
-                    full = magnitude_prior(target.module.weight.detach().cpu(), cfg.mask.n, cfg.mask.m)
-            store.init_from_prior(index, full.reshape(-1, cfg.mask.m)[g0:g1], cfg.mask.init_scale)
+                with gathered([target.module.weight]):  # one layer; only this rank's groups are ranked
+                    mine = magnitude_prior(target.module.weight.detach().reshape(-1, cfg.mask.m)[g0:g1].cpu(),
+                                           cfg.mask.n, cfg.mask.m)
+            store.init_from_prior(index, mine, cfg.mask.init_scale)
         return f"artifact:{artifact.path.resolve()}:{artifact.base_fingerprint}" if cfg.mask.prior else "magnitude"
 
     # ------------------------------------------------------------------ forward passes
