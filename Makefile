@@ -40,8 +40,9 @@ test-slow: $(STAMP)  ## the slow checks (70B-shaped shapes, long runs)
 test-all: $(STAMP) lint  ## everything
 	$(BIN)/pytest -q
 
-bench: $(STAMP)  ## every bench script; figures go to bench/results/*.json
-	for f in bench/*.py; do $(PYTHON) $$f || exit 1; done
+bench: $(STAMP)  ## the quick bench scripts (sampler, step_vs_forward, memory, export); figures go to bench/results/*.json
+	for f in sampler step_vs_forward memory export; do $(PYTHON) bench/$$f.py || exit 1; done
+	@echo "longer: $(PYTHON) bench/seventy_b_shaped.py (70B-shaped layer, ~10 GB RAM); $(PYTHON) bench/quality.py (~1.5 h)"
 
 clean:  ## remove caches (keeps .venv)
 	rm -rf .pytest_cache build *.egg-info
