@@ -33,7 +33,7 @@ from maskpro_ds.atomic import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 # File kinds a local source may hold, and the `datasets` builder that reads each (.txt is read directly).
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _SUFFIXES = (".txt", *_BUILDERS)
 # Bump when the cut or the cache layout changes, so old cache files are never reused.
 _SAMPLES_FORMAT = "maskpro_ds.samples/1"
@@ -59,13 +59,16 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_txt(path: Path) -> list[str]:
+def _read_txt(path: Path, split_txt: bool) -> list[str]:
     """A .txt file is a sequence of documents separated by blank lines ("\\n\\n"), in file order.
 
     Each document keeps its inner single newlines; runs of extra blank lines are dropped. So for a
     file laid out as documents joined by "\\n\\n", ``"\\n\\n".join(docs)`` gives the file back.
+    With ``split_txt=False`` the file is one document, read whole (blank-line runs kept).
     """
     text = path.read_text(encoding="utf-8")  # text mode turns \r\n into \n
+    if not split_txt:
+        return [text]
     docs = (d.strip("\n") for d in text.split("\n\n"))
     return [d for d in docs if d.strip()]
 
@@ -74,27 +77,32 @@ def _column(ds, text_field: str, where: str) -> list[str]:
     if text_field not in ds.column_names:
         raise ValueError(
             f"data source {where}: no text field {text_field!r}; available columns: {ds.column_names}. "
-            "Set data.text_field to one of them."
+            "Set data.text_field (--text-field) to one of them."
         )
     return [t if t is not None else "" for t in ds[text_field]]
 
 
 def load_texts(
-    source: str,
+    source: str | os.PathLike,
     *,
     split: str = "train",
     text_field: str = "text",
     max_documents: int | None = None,
     datasets_cache_dir: str | Path | None = None,
+    config: str | None = None,
+    split_txt: bool = True,
 ) -> list[str]:
     """Return the documents of ``source`` in order (the first ``max_documents`` when given).
 
-    ``source`` is a local ``.txt`` (documents separated by blank lines), ``.json``/``.jsonl``,
-    ``.parquet`` file, a directory of such files (read in sorted name order), or a hub data set
-    ``name[:config]`` loaded with ``datasets.load_dataset(name, config, split=split)``. ``split``
-    only applies to hub data sets: a local file is one split. ``datasets_cache_dir`` is where
-    ``datasets`` keeps its Arrow copies (its default cache when None).
+    ``source`` is a local ``.txt`` (documents separated by blank lines; one document read whole
+    when ``split_txt`` is False, as evaluation and calibration read it), ``.json``/``.jsonl``,
+    ``.parquet``/``.csv`` file, a directory of such files (read in sorted name order), or a hub data
+    set ``name[:config]`` loaded with ``datasets.load_dataset(name, config, split=split)``
+    (``config`` given apart overrides one in the name). ``split`` only applies to hub data sets: a
+    local file is one split. ``datasets_cache_dir`` is where ``datasets`` keeps its Arrow copies (its
+    default cache when None). Empty documents of a data set are kept (WikiText's blank lines).
     """
+    source = os.fspath(source)
     if max_documents is not None and max_documents <= 0:
         raise ValueError(f"data.max_documents must be positive or unset, got {max_documents}")
     import datasets  # deferred: importing datasets costs ~1 s, and only this function needs it
@@ -107,7 +115,7 @@ def load_texts(
             raise FileNotFoundError(f"data source {source}: no such file or directory (check data.source)")
         for f in _local_files(path):
             if f.suffix.lower() == ".txt":
-                texts.extend(_read_txt(f))
+                texts.extend(_read_txt(f, split_txt))
             else:
                 ds = datasets.load_dataset(
                     _BUILDERS[f.suffix.lower()], data_files=str(f), split="train", cache_dir=cache
@@ -116,13 +124,14 @@ def load_texts(
             if max_documents is not None and len(texts) >= max_documents:
                 break
     else:
-        name, _, config = source.partition(":")
+        name, _, inline_config = source.partition(":")
+        config = config or inline_config
         try:
             ds = datasets.load_dataset(name, config or None, split=split, cache_dir=cache)
         except (ConnectionError, FileNotFoundError, ValueError) as e:
             raise RuntimeError(
                 f"data source {source!r} (split {split!r}): not a local file and could not be loaded from "
-                f"the hub ({e}). Give a path to a .txt/.json/.jsonl/.parquet file or directory, or go online."
+                f"the hub ({e}). Give a path to a {'/'.join(_SUFFIXES)} file or directory, or go online."
             ) from e
         texts = _column(ds, text_field, f"{source} (split {split})")
     return texts[:max_documents] if max_documents is not None else texts

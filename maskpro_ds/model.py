@@ -1,8 +1,8 @@
 """Model side of training: the DeepSpeed config, loading a frozen HF causal LM partitioned by ZeRO-3,
 choosing the mask targets, and the masked Linear forward.
 
-The base is loaded partitioned from the start (``HfDeepSpeedConfig`` kept alive during
-``from_pretrained``, or ``zero.Init`` for config-only directories), frozen, and wrapped by
+The base is built partitioned from the start (``zero.Init`` via ``HfDeepSpeedConfig``), filled
+from its safetensors files one tensor at a time (random init for config-only directories), frozen, and wrapped by
 ``deepspeed.initialize`` without an optimizer: ZeRO-3's gather/release hooks are all we use. A
 masked Linear computes ``x @ where(m, W, 0)ᵀ`` right after ZeRO-3 gathered W, with the mask given
 by a provider (the logit store) for the current step.
@@ -11,7 +11,6 @@ by a provider (the logit store) for the current step.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from maskpro_ds.config import Config
 from maskpro_ds.masks import nm
+from maskpro_ds.targets import match_targets
 from maskpro_ds.zero_utils import full_shape
 
 logger = logging.getLogger(__name__)
@@ -70,24 +70,34 @@ def has_weights(model_dir: Path) -> bool:
 
 
 def load_partitioned_model(cfg: Config, ds_config: dict) -> tuple[object, torch.nn.Module]:
-    """Load (or build) the frozen model partitioned by ZeRO-3; returns (deepspeed engine, module)."""
+    """Load (or build) the frozen model partitioned by ZeRO-3; returns (deepspeed engine, module).
+
+    The model is built from its config.json inside ``zero.Init`` (each module partitioned as soon as
+    it is constructed), then each rank copies its own slice of every parameter straight from the
+    safetensors files (:mod:`maskpro_ds.weights_loader`). Host memory per process: its partitions
+    plus one parameter's rows in flight, never the whole model (transformers' ``from_pretrained``
+    under ZeRO-3 reads the full state dict on rank 0).
+    """
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from maskpro_ds.weights_loader import load_weights
+
     model_dir = check_model_dir(cfg.model.path)
     dtype = TORCH_DTYPES[cfg.model.dtype]
-    # HfDeepSpeedConfig must stay alive while from_pretrained runs: it is how transformers knows to
-    # build the model inside zero.Init so no rank ever holds all the weights.
+    # HfDeepSpeedConfig must stay alive while the model is built: it is how transformers knows to
+    # construct it inside zero.Init (with RoPE buffers kept in their own dtype).
     hf_ds_config = HfDeepSpeedConfig(ds_config)
-    if has_weights(model_dir):
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    else:
+    hf_config = AutoConfig.from_pretrained(str(model_dir))
+    weights = has_weights(model_dir)
+    if not weights:
         logger.warning("%s has no weight files: building a randomly initialised model (seed %d)",
                        model_dir, cfg.model.init_seed)
-        torch.manual_seed(cfg.model.init_seed)
-        hf_config = AutoConfig.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    torch.manual_seed(cfg.model.init_seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    if weights:
+        load_weights(model, model_dir)
     model.eval()
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
@@ -111,22 +121,11 @@ def select_targets(model: torch.nn.Module, cfg: Config) -> list[Target]:
     A layer whose input dim does not divide by M is skipped with a warning.
     """
     m = cfg.mask.m
-    targets_re = re.compile(cfg.model.targets)
-    include = [re.compile(p) for p in cfg.model.include]
-    exclude = [re.compile(p) for p in cfg.model.exclude]
-    selected, skipped = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or not targets_re.search(name):
-            continue
-        if include and not any(p.search(name) for p in include):
-            continue
-        if any(p.search(name) for p in exclude):
-            continue
-        shape = full_shape(module.weight)
-        if shape[1] % m:
-            skipped.append(f"{name} (in={shape[1]})")
-            continue
-        selected.append(Target(name=name, module=module, shape=(int(shape[0]), int(shape[1]))))
+    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    shapes = {name: tuple(int(d) for d in full_shape(mod.weight)) for name, mod in linears.items()}
+    names, skipped_names = match_targets(shapes.items(), m, cfg.model.targets, cfg.model.include, cfg.model.exclude)
+    selected = [Target(name=n, module=linears[n], shape=shapes[n]) for n in names]
+    skipped = [f"{n} (in={shapes[n][1]})" for n in skipped_names]
     if skipped:
         logger.warning("skipping %d layers whose input dim is not divisible by M=%d: %s", len(skipped), m, ", ".join(skipped))
     if not selected:

@@ -67,7 +67,7 @@ def ppl_main(argv: list[str] | None = None) -> int:
                            dataset_config=args.dataset_config)
         model, tokenizer, applied = _load(args)
         result = perplexity(model, tokenizer, join_texts(texts), args.seqlen, args.max_tokens, args.batch_size)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: unreachable hub data set
         print(f"eval_ppl: error: {e}", file=sys.stderr)
         return 2
     _emit({"model": args.model, "data": args.data, "mask": applied, **result.to_dict()}, args.json_out)

@@ -1,17 +1,16 @@
-"""Load evaluation or calibration text: a plain text file, or a dataset through ``datasets``.
+"""Evaluation and calibration text: :func:`maskpro_ds.data.load_texts` with the perplexity protocol.
 
-A ``.txt`` file is read whole (one document). A ``.json``/``.jsonl``/``.parquet``/``.csv`` file, or
-an HF dataset name (``wikitext`` with ``--dataset-config wikitext-2-raw-v1``, ``allenai/c4``...),
-goes through ``datasets.load_dataset``: local files with the builder named by their suffix, names
-from the hub when online. Both return a list of documents; callers join them with ``"\\n\\n"``.
+One loader serves training, evaluation and the priors. The protocol differences live here: a
+``.txt`` file is read whole (one document, blank-line runs kept, so the joined text is the file
+byte for byte), and a hub data set's config is given apart (``--dataset-config``). Callers join
+the documents with :func:`join_texts`.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+from maskpro_ds.data import load_texts as _load_documents
 
 
 def load_texts(
@@ -20,24 +19,9 @@ def load_texts(
     text_field: str = "text",
     dataset_config: str | None = None,
 ) -> list[str]:
-    """Documents of ``source`` (a path or an HF dataset name). Empty documents are kept: joining
+    """Documents of ``source`` (a path or an HF dataset name); empty documents are kept: joining
     them reproduces the reference protocol on WikiText, whose split has blank lines."""
-    path = Path(source)
-    if path.is_file() and path.suffix not in _BUILDERS:
-        return [path.read_text(encoding="utf-8")]
-    import datasets
-
-    if path.is_file():
-        ds = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
-    elif path.suffix in _BUILDERS or path.suffix == ".txt":
-        raise FileNotFoundError(f"{source}: no such file")
-    else:
-        ds = datasets.load_dataset(str(source), dataset_config, split=split)
-    if text_field not in ds.column_names:
-        raise ValueError(
-            f"{source}: no column {text_field!r} (columns: {ds.column_names}); pass --text-field"
-        )
-    return [str(t) for t in ds[text_field]]
+    return _load_documents(source, split=split, text_field=text_field, config=dataset_config, split_txt=False)
 
 
 def join_texts(texts: list[str]) -> str:

@@ -1,20 +1,20 @@
 """Which Linears a prior masks, and where the decoder blocks are.
 
 Layer names are module names (``model.layers.0.self_attn.q_proj``), the same keys the mask artifact
-uses. The rule matches the training config (``model.targets`` / ``include`` / ``exclude``): an
-``nn.Linear`` whose name matches ``targets`` (default: inside a decoder block, so never ``lm_head``),
-matches one of ``include`` when that list is non-empty, and matches none of ``exclude``. A layer
-whose input dim does not divide into groups of M is skipped with a warning, or is an error when an
-include regex names it explicitly.
+uses. The rule is training's (:func:`maskpro_ds.targets.match_targets`, driven by ``model.targets`` /
+``include`` / ``exclude`` there and by ``--include``/``--exclude`` here; by default every Linear
+inside a decoder block, so never ``lm_head``). A layer whose input dim does not divide into groups
+of M is skipped with a warning, or is an error when an include regex names it explicitly.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 from torch import nn
+
+from maskpro_ds.targets import match_targets
 
 log = logging.getLogger(__name__)
 
@@ -42,28 +42,20 @@ def select_targets(
     targets: str = DEFAULT_TARGETS,
 ) -> list[str]:
     """Names of the Linears to mask, in module order. Works on a meta-device model (no weights read)."""
-    target_re = re.compile(targets)
-    include_res = [re.compile(p) for p in include]
-    exclude_res = [re.compile(p) for p in exclude]
-    chosen: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if not target_re.search("." + name):  # leading dot so "^model.layers" style names match too
-            continue
-        if include_res and not any(r.search(name) for r in include_res):
-            continue
-        if any(r.search(name) for r in exclude_res):
-            continue
-        if module.in_features % m != 0:
-            if include_res:
-                raise ValueError(
-                    f"--include names {name}, whose in_features={module.in_features} is not divisible by "
-                    f"M={m}; exclude it (--exclude) or choose another pattern"
-                )
-            log.warning("skipping %s: in_features=%d is not divisible by M=%d", name, module.in_features, m)
-            continue
-        chosen.append(name)
+    shapes = {
+        name: (module.out_features, module.in_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    chosen, skipped = match_targets(shapes.items(), m, targets, include, exclude)
+    if skipped and include:
+        name = skipped[0]
+        raise ValueError(
+            f"--include names {name}, whose in_features={shapes[name][1]} is not divisible by "
+            f"M={m}; exclude it (--exclude) or choose another pattern"
+        )
+    for name in skipped:
+        log.warning("skipping %s: in_features=%d is not divisible by M=%d", name, shapes[name][1], m)
     if not chosen:
         raise ValueError(
             f"no nn.Linear matched targets={targets!r} include={list(include)} exclude={list(exclude)}; "

@@ -9,6 +9,7 @@ import json
 import logging
 
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -74,7 +75,7 @@ def tokenizer():
 
 @pytest.fixture
 def sources(tmp_path):
-    """The same five documents as .txt, .jsonl, .json and .parquet."""
+    """The same five documents as .txt, .jsonl, .json, .parquet and .csv."""
     txt = tmp_path / "docs.txt"
     txt.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
     jsonl = tmp_path / "docs.jsonl"
@@ -83,7 +84,9 @@ def sources(tmp_path):
     js.write_text(json.dumps([{"text": d} for d in DOCS]), encoding="utf-8")
     parquet = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"text": DOCS, "n": list(range(len(DOCS)))}), parquet)
-    return {"txt": txt, "jsonl": jsonl, "json": js, "parquet": parquet}
+    csv = tmp_path / "docs.csv"
+    pa_csv.write_csv(pa.table({"text": DOCS}), csv)
+    return {"txt": txt, "jsonl": jsonl, "json": js, "parquet": parquet, "csv": csv}
 
 
 # ----------------------------------------------------------------------------------------- texts
@@ -99,9 +102,15 @@ def test_txt_documents_are_separated_by_blank_lines(tmp_path):
     assert load_texts(str(f), max_documents=2) == ["first\nline two", "second"]
 
 
-@pytest.mark.parametrize("kind", ["txt", "jsonl", "json", "parquet"])
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "json", "parquet", "csv"])
 def test_every_file_kind_gives_the_same_documents(sources, kind, tmp_path):
     assert load_texts(str(sources[kind]), datasets_cache_dir=tmp_path / "hf") == DOCS
+
+
+def test_txt_read_whole_keeps_the_file_exactly(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("first\n\n\n\nsecond\n", encoding="utf-8")
+    assert load_texts(f, split_txt=False) == ["first\n\n\n\nsecond\n"]
 
 
 def test_directory_reads_files_in_name_order(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import string
 
 import pandas as pd
 import pytest
@@ -28,23 +27,9 @@ from maskpro_ds.eval.zeroshot import (
     load_bigbench_task,
     split_context,
 )
+from tests.unit.char_tokenizer import char_tokenizer
 
 VOCAB = 128
-
-
-def char_tokenizer():
-    """A character-level tokenizer (99 ids, BOS prepended like Llama's) built in memory."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in list(string.printable[:95]) + ["\n"]:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +41,7 @@ def tiny(tmp_path_factory):
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    char_tokenizer().save_pretrained(root / "model")
+    char_tokenizer(bos=True).save_pretrained(root / "model")
     docs = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 3) for i in range(30)]
     (root / "text.txt").write_text(join_texts(docs))
     return root / "model", root / "text.txt", docs

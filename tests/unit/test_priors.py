@@ -26,22 +26,9 @@ from maskpro_ds.priors.model_io import open_causal_lm
 from maskpro_ds.priors.sparsegpt import sparsegpt_prune
 from maskpro_ds.priors.targets import select_targets
 from maskpro_ds.priors.wanda import wanda_masks
+from tests.unit.char_tokenizer import char_tokenizer
 
 N, M = 2, 4
-
-
-def char_tokenizer():
-    """A character-level tokenizer (99 ids) built in memory: fits a vocab-128 model, no hub."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in list(string.printable[:95]) + ["\n"]:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def make_model_dir(path, intermediate=128, seed=0):
