@@ -19,11 +19,11 @@ Checked (non-zero exit otherwise):
   printed in layers; a rank holding the whole model would show at least ``--layers``. (With 1-2
   layers this discriminates weakly; the partition formula and the logit share are the exact
   checks.) The whole-run peak (ru_maxrss) is reported too: model loading and the prior init add
-  transients on top of the steady state (docs/benchmarks/memory.md).
+  transients on top of the steady state (docs/benchmarks.md (memory section)).
 - the export's peak RSS stays below its idle baseline + 3 x the largest tensor;
 - the exported hf-dense weights are the base with exactly 2 of every 4 kept on sampled rows.
 While it runs, the machine's MemAvailable is polled; below --min-available-gb the run is stopped.
-Figures: bench/results/seventy_b_shaped.json and docs/benchmarks/memory.md.
+Figures: bench/results/seventy_b_shaped.json and docs/benchmarks.md (memory section).
 """
 
 from __future__ import annotations
