@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     assets = prepare_demo(REPO / ".cache" / "demo")
     test, val = split_heldout(assets.heldout_text, out)
-    sizes = DemoSizes(lr=args.lr, dtype=args.train_dtype, eval_tokens=args.eval_tokens)
+    sizes = DemoSizes(lr=args.lr, dtype=args.train_dtype, eval_tokens=args.eval_tokens, num_samples=512)
     priors = make_priors(assets.model_dir, assets.calib_text, out / "priors", sizes)
     runs = {"wanda": args.steps_wanda, "sparsegpt": args.steps_sparsegpt}
     if args.only:
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                  f"--train.eval_source={val}", "--train.eval_tokens=8192", "--train.max_deviation=0.02",
                  f"--checkpoint.every={args.eval_every}"]
         train(assets.model_dir, assets.calib_text, priors[prior], run_dir,
-              DemoSizes(steps=steps, lr=args.lr, dtype=args.train_dtype), extra=extra, port=29590 + k)
+              DemoSizes(steps=steps, lr=args.lr, dtype=args.train_dtype, num_samples=512), extra=extra, port=29590 + k)
         best = run_dir / "checkpoints" / "best"
         export(best if best.is_file() else run_dir / "checkpoints" / "latest", assets.model_dir,
                out / f"export_{prior}", formats="mask")

@@ -33,7 +33,7 @@ class DemoSizes:
     lr: float = 200.0
     batch_size: int = 4          # per rank; 2 ranks
     seqlen: int = 128
-    num_samples: int = 512
+    num_samples: int = 256      # 2 ranks x 4 x 120 steps = 3.75 epochs; the f(m0) pass stays short
     calib_samples: int = 32      # priors: 32 x 128 calibration tokens
     eval_seqlen: int = 512
     eval_tokens: int = 16384
