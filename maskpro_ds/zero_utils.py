@@ -55,3 +55,31 @@ def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(zero_params, modifier_rank=None):
         yield
+
+
+def stored_chunks(param: torch.nn.Parameter) -> list[tuple[torch.Tensor, int]]:
+    """Every flat slice of ``param`` this rank stores, as ``(destination, first flat index)``.
+
+    A ZeRO-3 parameter stores ``ds_tensor``: its partition rank's contiguous chunk of the flattened
+    parameter (``ds_numel_aligned / world`` elements, the last chunk padded), plus, with hpZ, the same
+    layout over the hpZ group in ``ds_secondary_tensor``. Writing these slices directly fills the
+    parameter without ever materialising it. A plain tensor is one chunk starting at 0.
+    """
+    if not is_zero3_param(param):
+        return [(param.data.view(-1), 0)]
+    from deepspeed import comm as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status is not ZeroParamStatus.NOT_AVAILABLE:
+        raise RuntimeError(f"parameter {param.ds_id} is gathered; fill partitions only while released")
+    if getattr(param.ds_tensor, "final_location", None) is not None or hasattr(param.ds_tensor, "ds_quant_scale"):
+        raise ValueError("loading weights into NVMe-offloaded or quantized ZeRO-3 partitions is not supported; "
+                         "disable zero offload_param / zero_quantized_nontrainable_weights")
+    chunks = []
+    primary = param.ds_tensor.data
+    chunks.append((primary, primary.numel() * dist.get_rank(group=param.ds_process_group)))
+    secondary = getattr(param, "ds_secondary_tensor", None)
+    if secondary is not None:
+        group = param.ds_zero_param_process_group
+        chunks.append((secondary.data, secondary.numel() * dist.get_rank(group=group)))
+    return chunks
