@@ -343,14 +343,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"step": self.step_index, "lr": self.lr.hex(), "bad_steps": self.bad_steps,
+        return {"step": self.step_index, "lr": self.lr.hex(), "config_lr": float(self.cfg.train.lr).hex(),
+                "bad_steps": self.bad_steps,
                 "skipped_steps": self.skipped_steps, "best_eval": float(self.best_eval).hex(),
                 "tracker": self.tracker.state_dict(), "scaler": self.scaler.state_dict(),
                 "seed": self.cfg.train.seed, "world_size": self.info.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_index = int(state["step"])
-        self.lr = float.fromhex(state["lr"])
+        self.lr = float.fromhex(state["lr"])  # possibly halved by a guard
+        if "config_lr" in state and float.fromhex(state["config_lr"]) != self.cfg.train.lr:
+            # The user changed train.lr for the resumed run: that is a deliberate new step size.
+            logger.warning("resume: train.lr changed from %g to %g; using the new value",
+                           float.fromhex(state["config_lr"]), self.cfg.train.lr)
+            self.lr = self.cfg.train.lr
         self.bad_steps = int(state["bad_steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self.best_eval = float.fromhex(state["best_eval"])
