@@ -32,6 +32,17 @@ def split_heldout(heldout: Path, out: Path) -> tuple[Path, Path]:
     return test, val
 
 
+def _mask_identity(mask: Path | None) -> str | None:
+    """A mask artifact's content identity (its manifest and mask-file bytes), for the eval cache."""
+    if mask is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256((mask / "mask_manifest.json").read_bytes())
+    h.update((mask / "masks.safetensors").read_bytes())
+    return h.hexdigest()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "runs" / "quality"))
@@ -43,8 +54,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=40960)
     p.add_argument("--eval-dtype", default="fp32")
     p.add_argument("--train-dtype", default="bf16")
+    p.add_argument("--threads", type=int, default=2, help="threads for the evaluation")
     p.add_argument("--only", choices=["wanda", "sparsegpt"], help="train only from this prior")
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--skip-train", action="store_true", help="evaluate what exists (e.g. while a run continues)")
+    p.add_argument("--variants", default="", help="comma list of variants to evaluate now (default: all)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +70,7 @@ def main(argv=None) -> int:
     if args.only:
         runs = {args.only: runs[args.only]}
     wall = {}
-    for k, (prior, steps) in enumerate(runs.items()):
+    for k, (prior, steps) in enumerate(() if args.skip_train else runs.items()):
         run_dir = out / f"maskpro_from_{prior}"
         t0 = time.time()
         extra = [f"--train.advantage_norm={args.advantage_norm}", f"--train.eval_every={args.eval_every}",
@@ -78,7 +92,21 @@ def main(argv=None) -> int:
                 "sparsegpt": priors["sparsegpt"]}
     for prior in runs:
         variants[f"maskpro_from_{prior}"] = out / f"export_{prior}" / "mask"
-    results = evaluate(assets.model_dir, test, variants, eval_sizes, threads=2)
+    wanted = set(args.variants.split(",")) if args.variants else set(variants)
+    results = {}
+    for name, mask in variants.items():  # each result cached per variant, so evaluation resumes too
+        cached = out / "eval" / f"{name}.json"
+        key = {"mask": _mask_identity(mask), "seqlen": eval_sizes.eval_seqlen, "tokens": args.eval_tokens,
+               "dtype": args.eval_dtype}
+        if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
+            results[name] = json.loads(cached.read_text())["result"]
+        elif name in wanted:
+            results[name] = evaluate(assets.model_dir, test, {name: mask}, eval_sizes, threads=args.threads)[name]
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps({"key": key, "result": results[name]}) + "\n")
+    if set(results) != set(variants):
+        print(f"evaluated {sorted(results)}; still to evaluate: {sorted(set(variants) - set(results))}")
+        return 0
     ppl = {k: v["ppl"] for k, v in results.items()}
     summary = {
         "seqlen": eval_sizes.eval_seqlen, "eval_tokens": results["dense"]["tokens_used"], "eval_dtype": args.eval_dtype,
@@ -87,6 +115,11 @@ def main(argv=None) -> int:
         "batch_per_rank": sizes.batch_size, "ranks": 2, "wall_s": wall,
         "command": "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    for prior in runs:  # what was actually trained (a run may be stopped early and exported from best)
+        export_info = json.loads((out / f"export_{prior}" / "export.json").read_text())
+        last = json.loads((out / f"maskpro_from_{prior}" / "metrics.jsonl").read_text().splitlines()[-1])
+        summary.setdefault("trained", {})[prior] = {"exported_step": export_info.get("step"),
+                                                   "last_step": last["step"], "lr_used": last.get("train/lr")}
     for prior in runs:
         key = f"maskpro_from_{prior}"
         summary[f"{key}_vs_prior"] = ppl[key] / ppl[prior] - 1
