@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     for prior in runs:  # what was actually trained (a run may be stopped early and exported from best)
         export_info = json.loads((out / f"export_{prior}" / "export.json").read_text())
         last = json.loads((out / f"maskpro_from_{prior}" / "metrics.jsonl").read_text().splitlines()[-1])
-        summary.setdefault("trained", {})[prior] = {"exported_step": export_info.get("step"),
+        summary.setdefault("trained", {})[prior] = {"exported_step": export_info["source"].get("step"),
                                                    "last_step": last["step"], "lr_used": last.get("train/lr")}
     for prior in runs:
         key = f"maskpro_from_{prior}"
