@@ -42,6 +42,8 @@ import threading
 import time
 from pathlib import Path
 
+from maskpro_ds.byte_tokenizer import byte_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "seventy_b_shaped.json"
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 8192, 28672, 64, 8, 256
@@ -69,18 +71,6 @@ else:
 print(f"PEAK {peak()}", file=sys.stderr)
 sys.exit(code)
 """
-
-
-def byte_tokenizer():
-    """A 256-token byte-level tokenizer built in memory (no hub access)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
 
 
 def model_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:

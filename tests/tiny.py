@@ -7,23 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from maskpro_ds.byte_tokenizer import byte_tokenizer
+
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
     "Sparse tensor cores keep two of every four weights. Masks are learned with forward passes only. "
 )
-
-
-def byte_tokenizer():
-    """A 256-token byte-level tokenizer built in memory (no hub access)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0])
 
 
 def make_tiny_llama(path: Path, *, hidden: int = 64, intermediate: int = 128, layers: int = 2, heads: int = 4,
