@@ -90,10 +90,13 @@ class Manifest:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Accept a step directory, a ``latest`` pointer file, or a checkpoints/ or run directory."""
+    """Accept a step directory, a pointer file (``latest``, ``best``), or a checkpoints/ or run directory."""
     path = Path(path)
-    if path.is_file() and path.name == LATEST:
-        return path.parent / path.read_text().strip()
+    if path.is_file():
+        target = path.parent / path.read_text().strip()
+        if not (target / MANIFEST).is_file():
+            raise FileNotFoundError(f"{path} points to {target}, which has no {MANIFEST}")
+        return target
     if (path / MANIFEST).is_file():
         return path
     for pointer in (path / LATEST, path / "checkpoints" / LATEST):

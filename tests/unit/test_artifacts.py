@@ -139,3 +139,15 @@ def test_fingerprint_cache_is_reused_until_a_weight_file_changes(tmp_path):
     assert model_fingerprint(model, cache) == "stale"  # same names, sizes, mtimes: the cache answers
     make_tiny_llama(tmp_path / "m", seed=1)  # rewritten weights: new mtime, so it is hashed again
     assert model_fingerprint(model, cache) not in ("stale", first)
+
+
+def test_pointer_files_resolve(tmp_path):
+    from maskpro_ds.checkpoint_format import resolve_checkpoint
+
+    step_dir, _ = _checkpoint(tmp_path, 1)
+    for pointer in ("latest", "best"):
+        (tmp_path / pointer).write_text(step_dir.name + "\n")
+        assert resolve_checkpoint(tmp_path / pointer) == step_dir
+    (tmp_path / "best").write_text("step-999999\n")
+    with pytest.raises(FileNotFoundError, match="points to"):
+        resolve_checkpoint(tmp_path / "best")
