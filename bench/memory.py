@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,8 @@ import time
 from pathlib import Path
 
 from maskpro_ds.byte_tokenizer import byte_tokenizer
+from maskpro_ds.local_launch import child_env as local_child_env
+from maskpro_ds.local_launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "memory.json"
@@ -68,22 +68,11 @@ def write_text(path: Path, documents: int = 60) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               # glibc would keep freed blocks below its dynamic mmap threshold (up to 32 MiB) in the heap,
-               # so RSS would remember every full tensor zero.Init built and freed; a fixed 128 KiB
-               # threshold returns them, and RSS tracks live tensors (large-model tensors are far above
-               # 32 MiB and behave this way anyway).
-               MALLOC_MMAP_THRESHOLD_="131072")
-    return env
+    # glibc would keep freed blocks below its dynamic mmap threshold (up to 32 MiB) in the heap, so RSS
+    # would remember every full tensor zero.Init built and freed; a fixed 128 KiB threshold returns
+    # them, and RSS tracks live tensors (large-model tensors are far above 32 MiB anyway).
+    return local_child_env(MALLOC_MMAP_THRESHOLD_="131072")
 
 
 def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from maskpro_ds.local_launch import child_env, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "launchers" / "train.py")
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def base_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
+    return child_env(**extra)
 
 
 def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
