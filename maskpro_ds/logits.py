@@ -148,6 +148,11 @@ class LogitStore:
     def local_range(self, layer: int) -> tuple[int, int]:
         return self.ranges[layer][self.rank]
 
+    @property
+    def num_groups_total(self) -> int:
+        """Groups of all masked layers together (every rank's slices)."""
+        return sum(r[-1][1] for r in self.ranges)
+
     def num_local_groups(self) -> int:
         return sum(t.shape[0] for t in self.logits)
 

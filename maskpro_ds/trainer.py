@@ -238,23 +238,25 @@ class Trainer:
             c = store.apply_update(layer, self.step_index, advantages, self.lr)
             counts += torch.tensor([c["deviating"], c["changed"]], dtype=torch.float64)
         counts = distributed.all_gather_floats(counts.to(self.info.device)).sum(0).cpu()
-        total_groups = sum(s[0] * s[1] for s in store.shapes) // store.m
+        total_groups = store.num_groups_total
         deviating = float(counts[0]) / (total_groups * world)
         if cfg.train.estimator == "residual_tracker":
             self.tracker.update(signal)
         self.step_index += 1
         self._guard_deviation(deviating)
+        res = torch.tensor(residuals, dtype=torch.float64)
+        elapsed = time.time() - t0
         values.update({
-            "train/residual_mean": float(torch.tensor(residuals).mean()),
-            "train/residual_std": float(torch.tensor(residuals).std()) if world > 1 else 0.0,
+            "train/residual_mean": float(res.mean()),
+            "train/residual_std": float(res.std()) if world > 1 else 0.0,
             "train/delta": self.tracker.delta,
             "train/advantage_mean": sum(advantages) / world,
             "train/advantage_abs_max": max(abs(a) for a in advantages),
             "train/deviating_groups_frac": deviating,
             "train/changed_groups_frac": float(counts[1]) / total_groups,
             "train/lr": self.lr,
-            "train/step_time_s": time.time() - t0,
-            "train/tokens_per_s": world * tokens.numel() / max(time.time() - t0, 1e-9),
+            "train/step_time_s": elapsed,
+            "train/tokens_per_s": world * tokens.numel() / max(elapsed, 1e-9),
             "train/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "train/skipped_steps": self.skipped_steps,
         })
