@@ -104,7 +104,7 @@ def zeroshot_main(argv: list[str] | None = None) -> int:
         if args.lm_eval_tasks:
             out["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval_tasks.split(","), args.lm_eval_include,
                                          args.limit, args.batch_size)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:  # KeyError: unknown lm-eval task
         print(f"eval_zeroshot: error: {e}", file=sys.stderr)
         return 2
     _emit(out, args.json_out)

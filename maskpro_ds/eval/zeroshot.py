@@ -10,8 +10,8 @@ Scoring (lm-eval's loglikelihood rule): context = task_prefix + input_prefix + i
 output_prefix, with its trailing whitespace moved to the front of the continuation (a space is
 added if neither side has one); the continuation tokens are ``tok(context + continuation)`` past
 ``len(tok(context))``; a choice's score is the sum of the log-probs of its tokens. ``acc`` takes the
-argmax of the sums, ``acc_norm`` of the sums divided by the choice's length in UTF-8 bytes
-(lm-eval's acc_norm). Ties go to the first choice in file order.
+argmax of the sums, ``acc_norm`` of the sums divided by the choice's length in characters
+(lm-eval's acc_norm; its acc_bytes divides by UTF-8 bytes). Ties go to the first choice in file order.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def evaluate_multiple_choice(model, tokenizer, examples: list[MCExample], task: 
     chance = 0.0
     for ex in examples:
         sums = choice_logprobs(model, tokenizer, ex.context, ex.choices, max_length)
-        normed = [s / max(1, len(c.encode("utf-8"))) for s, c in zip(sums, ex.choices, strict=True)]
+        normed = [s / max(1, len(c)) for s, c in zip(sums, ex.choices, strict=True)]
         hits += int(max(range(len(sums)), key=lambda i: (sums[i], -i)) in ex.correct)
         hits_norm += int(max(range(len(normed)), key=lambda i: (normed[i], -i)) in ex.correct)
         chance += len(ex.correct) / len(ex.choices)
@@ -138,11 +138,12 @@ def evaluate_multiple_choice(model, tokenizer, examples: list[MCExample], task: 
 
 def lm_eval_missing() -> str | None:
     """None when lm-eval can be imported, else a message saying how to get it."""
-    try:
-        import lm_eval  # noqa: F401
+    try:  # these two pull in all of lm-eval's import-time dependencies
+        import lm_eval.evaluator  # noqa: F401
+        import lm_eval.models.huggingface  # noqa: F401
     except ImportError as e:
         return (
-            f"lm-eval is not installed ({e}); `pip install lm-eval` to run --lm-eval-tasks. "
+            f"lm-eval is not installed or incomplete ({e}); `pip install lm-eval` to run --lm-eval-tasks. "
             "BIG-bench JSON tasks (--bigbench) need nothing extra."
         )
     return None
@@ -162,5 +163,6 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = N
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, task_manager=TaskManager(include_path=include_path), limit=limit,
+        log_samples=False,  # only the aggregate metrics are returned
     )
-    return results["results"]
+    return results["results"]  # {task: {"acc,none": ..., "acc_norm,none": ..., "sample_len": ...}}

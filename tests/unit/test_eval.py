@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -162,7 +163,7 @@ def test_choice_logprobs_match_separate_forwards(tiny):
 
 def test_multiple_choice_forced_answers_with_a_uniform_model(tiny, tmp_path):
     """Uniform logits: a choice of L chars costs (L+1)·log V (leading space), so the shortest choice
-    wins acc and, normalised by L bytes, the longest wins acc_norm."""
+    wins acc and, normalised by L characters, the longest wins acc_norm."""
     model_dir, _, _ = tiny
     model, tok = load_causal_lm(model_dir)
     with torch.no_grad():
@@ -203,3 +204,77 @@ def test_lm_eval_missing_is_reported_clearly(tiny, capsys):
     model_dir, _, _ = tiny
     assert zeroshot_main([str(model_dir), "--lm-eval-tasks", "hellaswag"]) == 2
     assert "pip install lm-eval" in capsys.readouterr().err
+
+
+# lm-eval and the modules it imports at import time that the venv lacks, all pure Python (sacrebleu
+# 2.1.0 is the last release that does not import lxml).
+LM_EVAL_PINS = ["lm-eval==0.4.13", "sacrebleu==2.1.0", "portalocker==4.4.2", "tabulate==0.10.0", "colorama==0.4.6"]
+# (input, choices, index of the correct one). The first 6: with uniform logits the shortest choice wins
+# acc and the longest in characters wins acc_norm: acc hits 1, 2, 5, 6; acc_norm hits 3, 4 ("éé" is 4
+# UTF-8 bytes, so a per-byte norm would miss 4). The last 5 have choices of equal length, so the random
+# model's own preferences decide them (the best and second-best sums differ by 0.05 or more).
+LM_EVAL_EXAMPLES = [
+    ("pick", ["ab", "abcdef", "abcd"], 0),
+    ("pick", ["abcdefgh", "a"], 1),
+    ("pick", ["abc", "abcdefg"], 1),
+    ("pick", ["éé", "abc"], 1),
+    ("the quick brown", ["fox", "zebra"], 0),
+    ("jumps over the", ["lazy dog", "cat"], 1),
+    ("the quick brown", ["fox", "cat", "dog", "owl"], 3),
+    ("over the lazy", ["dog", "cat", "fox"], 0),
+    ("Document", ["1", "2", "3", "4", "5"], 2),
+    ("the", ["quick", "brown", "jumps"], 0),
+    ("2 + 2 =", ["4", "5", "3"], 0),
+]
+
+
+@pytest.mark.slow
+def test_lm_eval_local_task_agrees_with_the_bigbench_scorer(tiny, tmp_path):
+    """The same examples as a local lm-eval YAML task and as a BIG-bench task.json, both scored by one
+    ``tools/eval_zeroshot.py`` run per model: lm-eval's acc/acc_norm equal ours on the tiny random
+    model (all 11 examples) and on a uniform-logit copy (--limit 6), where both are forced to 2/3 and
+    1/3.
+
+    lm-eval is not a dependency: it is installed with --no-deps into a scratch directory (needs
+    PyPI) and run in a subprocess on that path, with the venv's torch/transformers/datasets."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "lmeval"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    *LM_EVAL_PINS], check=True)
+    model_dir, _, _ = tiny
+    model, tok = load_causal_lm(model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    model.save_pretrained(tmp_path / "uniform")
+    tok.save_pretrained(tmp_path / "uniform")
+
+    data = tmp_path / "forced.jsonl"
+    data.write_text("".join(json.dumps({"input": q, "choices": c, "label": i}) + "\n" for q, c, i in LM_EVAL_EXAMPLES))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "forced.yaml").write_text(
+        "task: forced\noutput_type: multiple_choice\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        'doc_to_text: "Q: {{input}}\\nA:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    bigbench = {"name": "forced", "example_input_prefix": "Q: ", "examples": [
+        {"input": q, "target_scores": {ch: int(j == i) for j, ch in enumerate(c)}} for q, c, i in LM_EVAL_EXAMPLES]}
+    (tmp_path / "task.json").write_text(json.dumps(bigbench))
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "eval_zeroshot.py"
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    for model_path, limit in ((model_dir, len(LM_EVAL_EXAMPLES)), (tmp_path / "uniform", 6)):
+        out = tmp_path / "zs.json"
+        subprocess.run([sys.executable, str(tool), str(model_path), "--bigbench", str(tmp_path / "task.json"),
+                        "--lm-eval-tasks", "forced", "--lm-eval-include", str(tmp_path / "tasks"),
+                        "--limit", str(limit), "--json-out", str(out)], check=True, env=env)
+        result = json.loads(out.read_text())
+        ours, theirs = result["tasks"]["forced"], result["lm_eval"]["forced"]
+        assert ours["examples"] == theirs["sample_len"] == limit
+        assert (theirs["acc,none"], theirs["acc_norm,none"]) == pytest.approx((ours["acc"], ours["acc_norm"]))
+    assert (ours["acc"], ours["acc_norm"]) == pytest.approx((2 / 3, 1 / 3))
+    bad = subprocess.run([sys.executable, str(tool), str(model_dir), "--lm-eval-tasks", "nosuchtask"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "nosuchtask" in bad.stderr.splitlines()[-1]
