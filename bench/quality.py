@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps-wanda", type=int, default=1500)
     p.add_argument("--steps-sparsegpt", type=int, default=600)
     p.add_argument("--lr", type=float, default=1.5, help="step size with advantage_norm=rms (logit units per event)")
+    p.add_argument("--lr-sparsegpt", type=float, default=None, help="step size for the SparseGPT run (default: --lr)")
     p.add_argument("--advantage-norm", default="rms")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-tokens", type=int, default=40960)
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     sizes = DemoSizes(lr=args.lr, dtype=args.train_dtype, eval_tokens=args.eval_tokens, num_samples=512)
     priors = make_priors(assets.model_dir, assets.calib_text, out / "priors", sizes)
     runs = {"wanda": args.steps_wanda, "sparsegpt": args.steps_sparsegpt}
+    lrs = {"wanda": args.lr, "sparsegpt": args.lr if args.lr_sparsegpt is None else args.lr_sparsegpt}
     if args.only:
         runs = {args.only: runs[args.only]}
     wall = {}
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
                  f"--train.eval_source={val}", "--train.eval_tokens=8192", "--train.max_deviation=0.02",
                  f"--checkpoint.every={args.eval_every}"]
         train(assets.model_dir, assets.calib_text, priors[prior], run_dir,
-              DemoSizes(steps=steps, lr=args.lr, dtype=args.train_dtype, num_samples=512), extra=extra, port=29590 + k)
+              DemoSizes(steps=steps, lr=lrs[prior], dtype=args.train_dtype, num_samples=512), extra=extra, port=29590 + k)
         best = run_dir / "checkpoints" / "best"
         export(best if best.is_file() else run_dir / "checkpoints" / "latest", assets.model_dir,
                out / f"export_{prior}", formats="mask")
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
     ppl = {k: v["ppl"] for k, v in results.items()}
     summary = {
         "seqlen": eval_sizes.eval_seqlen, "eval_tokens": results["dense"]["tokens_used"], "eval_dtype": args.eval_dtype,
-        "ppl": ppl, "steps": runs, "lr": args.lr, "advantage_norm": args.advantage_norm,
+        "ppl": ppl, "steps": {}, "lr": {}, "advantage_norm": args.advantage_norm,
         "train_dtype": args.train_dtype, "samples": sizes.num_samples, "train_seqlen": sizes.seqlen,
         "batch_per_rank": sizes.batch_size, "ranks": 2, "wall_s": wall,
         "command": "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -120,6 +122,9 @@ def main(argv=None) -> int:
         last = json.loads((out / f"maskpro_from_{prior}" / "metrics.jsonl").read_text().splitlines()[-1])
         summary.setdefault("trained", {})[prior] = {"exported_step": export_info["source"].get("step"),
                                                    "last_step": last["step"], "lr_used": last.get("train/lr")}
+        # the figures that describe the reported masks: the exported step and the lr the run ended on
+        summary["steps"][prior] = export_info["source"].get("step")
+        summary["lr"][prior] = last.get("train/lr")
     for prior in runs:
         key = f"maskpro_from_{prior}"
         summary[f"{key}_vs_prior"] = ppl[key] / ppl[prior] - 1

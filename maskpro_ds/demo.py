@@ -88,9 +88,14 @@ def train(model_dir: Path, calib: Path, prior: Path, run_dir: Path, sizes: DemoS
 
 
 def export(checkpoint: Path, model_dir: Path, out: Path, formats: str = "hf-dense,mask") -> None:
-    if (out / "export.json").is_file():
-        return
-    _run([sys.executable, str(REPO / "tools" / "export_masks.py"), str(checkpoint),
+    """Export ``checkpoint`` (a step directory or a pointer); skipped when ``out`` already holds that step."""
+    from maskpro_ds.checkpoint_format import resolve_checkpoint
+
+    step_dir = resolve_checkpoint(checkpoint)
+    done = out / "export.json"
+    if done.is_file() and Path(json.loads(done.read_text())["source"].get("path", "")).resolve() == step_dir.resolve():
+        return  # a resumed run moves its pointers, so an older export is redone
+    _run([sys.executable, str(REPO / "tools" / "export_masks.py"), str(step_dir),
           "--base", str(model_dir), "--out", str(out), "--format", formats, "--force"],
          out.parent / f"{out.name}.log")
 
