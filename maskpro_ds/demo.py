@@ -87,14 +87,26 @@ def train(model_dir: Path, calib: Path, prior: Path, run_dir: Path, sizes: DemoS
          run_dir.parent / f"{run_dir.name}.log")
 
 
-def export(checkpoint: Path, model_dir: Path, out: Path, formats: str = "hf-dense,mask") -> None:
-    """Export ``checkpoint`` (a step directory or a pointer); skipped when ``out`` already holds that step."""
+def export_is_current(checkpoint: Path, out: Path) -> bool:
+    """True when ``out`` holds a finished export of the step ``checkpoint`` resolves to now.
+
+    A resumed run moves its ``latest``/``best`` pointers, so an export of an older step is stale."""
     from maskpro_ds.checkpoint_format import resolve_checkpoint
 
-    step_dir = resolve_checkpoint(checkpoint)
     done = out / "export.json"
-    if done.is_file() and Path(json.loads(done.read_text())["source"].get("path", "")).resolve() == step_dir.resolve():
-        return  # a resumed run moves its pointers, so an older export is redone
+    if not done.is_file():
+        return False
+    exported = json.loads(done.read_text()).get("source", {}).get("path", "")
+    return bool(exported) and Path(exported).resolve() == resolve_checkpoint(checkpoint).resolve()
+
+
+def export(checkpoint: Path, model_dir: Path, out: Path, formats: str = "hf-dense,mask") -> None:
+    """Export ``checkpoint`` (a step directory or a pointer) unless ``out`` already holds that step."""
+    from maskpro_ds.checkpoint_format import resolve_checkpoint
+
+    if export_is_current(checkpoint, out):
+        return
+    step_dir = resolve_checkpoint(checkpoint)
     _run([sys.executable, str(REPO / "tools" / "export_masks.py"), str(step_dir),
           "--base", str(model_dir), "--out", str(out), "--format", formats, "--force"],
          out.parent / f"{out.name}.log")
