@@ -114,12 +114,15 @@ def main(argv=None) -> int:
         "seqlen": eval_sizes.eval_seqlen, "eval_tokens": results["dense"]["tokens_used"], "eval_dtype": args.eval_dtype,
         "ppl": ppl, "steps": {}, "lr": {}, "advantage_norm": args.advantage_norm,
         "train_dtype": args.train_dtype, "samples": sizes.num_samples, "train_seqlen": sizes.seqlen,
-        "batch_per_rank": sizes.batch_size, "ranks": 2, "wall_s": wall,
+        "batch_per_rank": sizes.batch_size, "ranks": 2, "wall_s": wall, "train_minutes": {},
         "command": "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     for prior in runs:  # what was actually trained (a run may be stopped early and exported from best)
         export_info = json.loads((out / f"export_{prior}" / "export.json").read_text())
-        last = json.loads((out / f"maskpro_from_{prior}" / "metrics.jsonl").read_text().splitlines()[-1])
+        records = [json.loads(line) for line in (out / f"maskpro_from_{prior}" / "metrics.jsonl").read_text().splitlines()]
+        last = records[-1]
+        # time spent in training steps (a run resumed across sessions has gaps its timestamps would count)
+        summary["train_minutes"][prior] = round(sum(r.get("train/step_time_s", 0.0) for r in records) / 60, 1)
         summary.setdefault("trained", {})[prior] = {"exported_step": export_info["source"].get("step"),
                                                    "last_step": last["step"], "lr_used": last.get("train/lr")}
         # the figures that describe the reported masks: the exported step and the lr the run ended on
