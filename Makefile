@@ -42,7 +42,7 @@ test-all: $(STAMP) lint  ## everything
 
 bench: $(STAMP)  ## the quick bench scripts (sampler, step_vs_forward, memory, export); figures go to bench/results/*.json
 	for f in sampler step_vs_forward memory export; do $(PYTHON) bench/$$f.py || exit 1; done
-	@echo "longer: $(PYTHON) bench/seventy_b_shaped.py (70B-shaped layer, ~10 GB RAM); $(PYTHON) bench/quality.py (~1.5 h)"
+	@echo "longer: $(PYTHON) bench/seventy_b_shaped.py (70B-shaped layer, ~10 GB RAM); $(PYTHON) bench/quality.py (~2.2 h)"
 
 clean:  ## remove caches (keeps .venv)
 	rm -rf .pytest_cache build *.egg-info

@@ -1,7 +1,7 @@
 """Quality on real text: MaskPro from the Wanda and SparseGPT priors vs every one-shot prior.
 
-    python bench/quality.py                        # defaults below: ~1.5 h on 2 cores
-    python bench/quality.py --steps-wanda 1500 --steps-sparsegpt 600 --eval-tokens 40960
+    python bench/quality.py                        # both runs, 1,500 steps each: ~2.2 h on 2 cores
+    python bench/quality.py --only sparsegpt --steps-sparsegpt 1500 --eval-dtype bf16   # one run
 
 SmolLM2-135M-Instruct, all 210 decoder Linears at 2:4, 2 DeepSpeed ZeRO-3 CPU ranks. The held-out
 Wikipedia articles are split once more: the last 5 articles are the validation text that keep-best
@@ -47,13 +47,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "runs" / "quality"))
     p.add_argument("--steps-wanda", type=int, default=1500)
-    p.add_argument("--steps-sparsegpt", type=int, default=600)
+    p.add_argument("--steps-sparsegpt", type=int, default=1500)
     p.add_argument("--lr", type=float, default=1.5, help="step size with advantage_norm=rms (logit units per event)")
     p.add_argument("--lr-sparsegpt", type=float, default=None, help="step size for the SparseGPT run (default: --lr)")
     p.add_argument("--advantage-norm", default="rms")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-tokens", type=int, default=40960)
-    p.add_argument("--eval-dtype", default="fp32")
+    p.add_argument("--eval-dtype", default="bf16")
     p.add_argument("--train-dtype", default="bf16")
     p.add_argument("--threads", type=int, default=2, help="threads for the evaluation")
     p.add_argument("--only", choices=["wanda", "sparsegpt"], help="train only from this prior")
