@@ -74,3 +74,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from maskpro_ds import distributed
+
+    distributed.exit_process(0)
