@@ -7,7 +7,7 @@ SmolLM2-135M-Instruct, all 210 decoder Linears at 2:4, 2 DeepSpeed ZeRO-3 CPU ra
 Wikipedia articles are split once more: the last 5 articles are the validation text that keep-best
 uses during training, the first 16 the test text reported here, so checkpoint selection never sees
 the reported tokens. Every stage resumes where it stopped (rerun the same command).
-Writes bench/results/quality.json and runs/quality/results.md (+ PNG curves under each run).
+Writes bench/results/quality.json (+ PNG curves under each run directory; docs/results.md holds the table).
 """
 
 from __future__ import annotations
