@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv with CPU torch and every dependency
 
 demo: $(STAMP)  ## the main job end to end: SmolLM2 + Wikipedia offline, priors, MaskPro on 2 ZeRO-3 ranks, export, eval table
-	$(PYTHON) tools/demo.py
+	$(BIN)/maskpro-demo
 
 lint: $(STAMP)  ## ruff over the package, launchers, tools, bench and tests
 	$(BIN)/ruff check maskpro_ds launchers tools bench tests
@@ -41,8 +41,8 @@ test-all: $(STAMP) lint  ## everything
 	$(BIN)/pytest -q
 
 bench: $(STAMP)  ## the quick bench scripts (sampler, step_vs_forward, memory, export); figures go to bench/results/*.json
-	for f in sampler step_vs_forward memory export; do $(PYTHON) bench/$$f.py || exit 1; done
-	@echo "longer: $(PYTHON) bench/seventy_b_shaped.py (70B-shaped layer, ~10 GB RAM); $(PYTHON) bench/quality.py (~2.2 h)"
+	for f in sampler step_vs_forward memory export; do $(PYTHON) -m bench.$$f || exit 1; done
+	@echo "longer: $(PYTHON) -m bench.seventy_b_shaped (70B-shaped layer, ~10 GB RAM); $(PYTHON) -m bench.quality (~2.2 h)"
 
 clean:  ## remove caches (keeps .venv)
 	rm -rf .pytest_cache build *.egg-info

@@ -10,7 +10,7 @@ and would not be comparable anyway), then in the same run:
 Writes bench/results/export.json and prints a table row. The 70B estimate scales the measured
 rates to 140 GB of bf16 weights (+ 280 GB of fp32 logits, in the same proportion as here).
 
-    python bench/export.py [--hidden 8192 --intermediate 28672 --kv 1024 --layers 1] [--formats hf-dense,mask]
+    python -m bench.export [--hidden 8192 --intermediate 28672 --kv 1024 --layers 1] [--formats hf-dense,mask]
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/export.json")
     args = parser.parse_args()
 
-    from maskpro_ds.artifacts import model_fingerprint
     from maskpro_ds.export.synthetic import write_random_base, write_synthetic_checkpoint
+    from maskpro_ds.formats.hashing import model_fingerprint
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)

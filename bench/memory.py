@@ -1,6 +1,6 @@
 """Per-rank memory at 1, 2 and 4 ranks: the logit store and the ZeRO-3 partition shrink as 1/R.
 
-    python bench/memory.py [--ranks 1,2,4] [--steps 2] [--keep DIR]
+    python -m bench.memory [--ranks 1,2,4] [--steps 2] [--keep DIR]
 
 The same config-only Llama (hidden 1024, intermediate 2816, 4 layers, 16 heads, vocab 256, fp32:
 51.9M weights, 51.4M of them masked) is trained for a couple of steps under torchrun at each world
@@ -28,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from maskpro_ds.byte_tokenizer import byte_tokenizer
-from maskpro_ds.local_launch import child_env as local_child_env
-from maskpro_ds.local_launch import free_port
+from maskpro_ds.train.local_launch import child_env as local_child_env
+from maskpro_ds.train.local_launch import free_port
+from tests.byte_tokenizer import byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "memory.json"
@@ -45,7 +45,7 @@ TOLERANCE = 0.05
 BASELINE_SCRIPT = """
 import json, resource, sys
 import deepspeed, transformers, torch  # noqa: F401  (what every rank imports)
-import maskpro_ds.trainer  # noqa: F401
+import maskpro_ds.train.trainer  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 print("BASELINE " + json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """

@@ -1,7 +1,7 @@
 """Quality on real text: MaskPro from the Wanda and SparseGPT priors vs every one-shot prior.
 
-    python bench/quality.py                        # both runs, 1,500 steps each: ~2.2 h on 2 cores
-    python bench/quality.py --only sparsegpt --steps-sparsegpt 1500 --eval-dtype bf16   # one run
+    python -m bench.quality                        # both runs, 1,500 steps each: ~2.2 h on 2 cores
+    python -m bench.quality --only sparsegpt --steps-sparsegpt 1500 --eval-dtype bf16   # one run
 
 SmolLM2-135M-Instruct, all 210 decoder Linears at 2:4, 2 DeepSpeed ZeRO-3 CPU ranks. The held-out
 Wikipedia articles are split once more: the last 5 articles are the validation text that keep-best
@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from maskpro_ds.demo import DemoSizes, evaluate, export, make_priors, train
-from maskpro_ds.demo_assets import prepare_demo, split_articles
+from maskpro_ds.demo.assets import prepare_demo, split_articles
+from maskpro_ds.demo.run import DemoSizes, evaluate, export, make_priors, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         export(best if best.is_file() else run_dir / "checkpoints" / "latest", assets.model_dir,
                out / f"export_{prior}", formats="mask")
         wall[prior] = time.time() - t0
-        from maskpro_ds.plots import plot_run
+        from maskpro_ds.demo.plots import plot_run
 
         plot_run(run_dir)
     if args.skip_eval:
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         "ppl": ppl, "steps": {}, "lr": {}, "advantage_norm": args.advantage_norm,
         "train_dtype": args.train_dtype, "samples": sizes.num_samples, "train_seqlen": sizes.seqlen,
         "batch_per_rank": sizes.batch_size, "ranks": 2, "wall_s": wall, "train_minutes": {},
-        "command": "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     for prior in runs:  # what was actually trained (a run may be stopped early and exported from best)
         export_info = json.loads((out / f"export_{prior}" / "export.json").read_text())

@@ -12,8 +12,8 @@ runs it (best of --repeat runs after a warm-up). Writes bench/results/sampler.js
   masks kept from the forward (or drawn again: ``cache_samples=False``). Beside it: the matmuls
   of those Linears for one rank's batch (--tokens), the forward's main cost.
 
-    python bench/sampler.py                   # 1 thread, R = 1 and 2, 512 and 4096 tokens
-    python bench/sampler.py --part step --threads 2
+    python -m bench.sampler                   # 1 thread, R = 1 and 2, 512 and 4096 tokens
+    python -m bench.sampler --part step --threads 2
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ def layer_part(args, torch, nm, policy, sampling, select_kernels) -> dict:
 
 
 def step_part(args, torch, nm, LogitStore, masked_weight) -> dict:
+    from maskpro_ds.train.mask_modes import SampleMode  # after main() has set the thread count
+
     shapes = SMOLLM2_BLOCK * 30
     names = [f"layer{i}" for i in range(len(shapes))]
     weights = sum(o * i for o, i in shapes)
@@ -108,9 +110,8 @@ def step_part(args, torch, nm, LogitStore, masked_weight) -> dict:
             state = {"t": 0}
 
             def forward_send(store=store, state=state):
-                store.mode = ("sample", state["t"])
                 for layer in range(len(shapes)):
-                    store.forward_send(layer)
+                    store.forward_send(layer, SampleMode(state["t"]))
 
             def unpack_where(packed=packed, fused=kernel_name == "compiled"):
                 for w, bits in zip(dense, packed, strict=True):
@@ -161,9 +162,9 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts its pool
     import torch
 
-    from maskpro_ds.logits import LogitStore, select_kernels
     from maskpro_ds.masks import nm, policy, sampling
-    from maskpro_ds.model import masked_weight
+    from maskpro_ds.train.logit_store import LogitStore, select_kernels
+    from maskpro_ds.train.zero_model import masked_weight
 
     torch.set_num_threads(args.threads)
     result = {"threads": args.threads, "torch": torch.__version__}

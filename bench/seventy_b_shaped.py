@@ -1,6 +1,6 @@
 """A 70B-shaped MaskPro run on CPU: real 70B layer shapes, 2 ranks, ZeRO-3, then a streaming export.
 
-    python bench/seventy_b_shaped.py [--layers 1] [--steps 3] [--work DIR] [--keep]
+    python -m bench.seventy_b_shaped [--layers 1] [--steps 3] [--work DIR] [--keep]
 
 Base: a Llama with LLaMA-2-70B's decoder layer (hidden 8192, intermediate 28672, 64 heads, 8 KV
 heads: 856M weights a layer, q/k/v/o/gate/up/down), ``--layers`` of them, vocab 256 with a byte
@@ -41,8 +41,8 @@ import threading
 import time
 from pathlib import Path
 
-from maskpro_ds.byte_tokenizer import byte_tokenizer
-from maskpro_ds.local_launch import child_env, free_port
+from maskpro_ds.train.local_launch import child_env, free_port
+from tests.byte_tokenizer import byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "seventy_b_shaped.json"
@@ -67,7 +67,7 @@ if sys.argv[1] != "--idle":
     except SystemExit as e:
         code = e.code or 0
 else:
-    import maskpro_ds.export.cli  # noqa: F401  (what the tool imports)
+    import maskpro_ds.cli.export  # noqa: F401  (what the tool imports)
 print(f"PEAK {peak()}", file=sys.stderr)
 sys.exit(code)
 """
@@ -185,7 +185,7 @@ def check_export(export: Path, base: Path, layers: int) -> int:
     import torch
 
     from maskpro_ds.export.base_model import BaseModel
-    from maskpro_ds.export.st_io import Reader, read_header
+    from maskpro_ds.formats.safetensors_io import Reader, read_header
     from maskpro_ds.masks.nm import unpack_bits
 
     out, src = BaseModel(export / "hf-dense"), BaseModel(base)

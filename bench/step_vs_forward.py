@@ -1,7 +1,7 @@
 """Training step vs plain ZeRO-3 forward, side by side in one run: time ratio and bytes-moved ratio.
 
-    python bench/step_vs_forward.py                 # SmolLM2-135M demo model, 2 ranks, 32 x 128 tokens/rank, bf16
-    python bench/step_vs_forward.py --ranks 4 --batch 8
+    python -m bench.step_vs_forward                 # SmolLM2-135M demo model, 2 ranks, 32 x 128 tokens/rank, bf16
+    python -m bench.step_vs_forward --ranks 4 --batch 8
 
 Both engines are the same model, loaded partitioned by ZeRO-3 in the same processes: the trainer's
 (masked Linears, sampling, exchange, update) and a plain one (nothing installed). Timings alternate
@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 def launch(args) -> int:
     if not Path(args.model).is_dir():
-        from maskpro_ds.demo_assets import prepare_demo
+        from maskpro_ds.demo.assets import prepare_demo
 
         prepare_demo(REPO / ".cache" / "demo")
     run_dir = Path(tempfile.mkdtemp(prefix="bench-step-"))
@@ -84,8 +84,8 @@ def worker(args) -> None:
     from deepspeed.comm.comm import comms_logger
 
     from maskpro_ds.config import load_config
-    from maskpro_ds.model import causal_lm_loss, load_partitioned_model
-    from maskpro_ds.trainer import Trainer
+    from maskpro_ds.train.trainer import Trainer
+    from maskpro_ds.train.zero_model import causal_lm_loss, load_partitioned_model
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     overrides = [f"--model.path={args.model}", f"--model.dtype={args.dtype}", f"--data.source={args.data}",
@@ -99,10 +99,10 @@ def worker(args) -> None:
     (Path(args.run_dir) / "baseline.safetensors").unlink(missing_ok=True)
     dist.barrier()
     t0 = time.time()
-    trainer.baseline = trainer._load_or_compute_baseline()
+    trainer.baseline = trainer._baseline()
     baseline_s = time.time() - t0
     plain_engine, _ = load_partitioned_model(cfg, trainer.ds_config)
-    from maskpro_ds.data import batch_ids
+    from maskpro_ds.data.schedule import batch_ids
 
     def plain_forward(step: int) -> None:
         ids = batch_ids(cfg.train.seed, step, trainer.info.rank, trainer.info.world_size, args.batch,

@@ -1,11 +1,13 @@
 """The typed configuration tree: dataclass sections, YAML loading, dotted CLI overrides, validation.
 
 A run is described by one :class:`Config` (sections model, data, mask, train, zero, checkpoint,
-metrics, export). It is loaded from YAML (a safe loader), then ``--section.key=value``
-overrides are applied, each type-checked against the field. Unknown keys, wrong types and
-inconsistent values raise ``ValueError`` naming the field and what is allowed. The resolved config
-is dumped into the run directory and loads back identically. ``mask.pattern`` ("2:4") is parsed
-once here into ``mask.n`` / ``mask.m``.
+metrics). It is loaded from YAML (a safe loader), then ``--section.key=value`` overrides are
+applied, each type-checked against the field. Unknown keys, wrong types and inconsistent values
+raise ``ValueError`` naming the field and what is allowed. An option with a fixed set of values
+declares them once, as a ``typing.Literal`` on its field, and :meth:`Config.validate` checks every
+such field (one place, whatever set the value: YAML, an override or code). The resolved config is
+dumped into the run directory and loads back identically. ``mask.pattern`` ("2:4") is parsed once
+here into ``mask.n`` / ``mask.m``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
+from maskpro_ds.formats.dtypes import DtypeName
+from maskpro_ds.masks.advantages import AdvantageNorm, TrackerOrder
 from maskpro_ds.masks.nm import parse_pattern
+
+KernelMode = Literal["auto", "compiled", "plain"]
+EstimatorName = Literal["residual_tracker", "residual", "vanilla"]  # = the keys of train/estimators ESTIMATORS
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -47,7 +55,7 @@ class ModelConfig:
     path: str = ""
     """Hugging Face causal-LM directory (config.json + safetensors). A directory holding only a
     config.json builds a randomly initialised model under zero.Init (shape tests, 70B-shaped runs)."""
-    dtype: str = "bf16"
+    dtype: DtypeName = "bf16"
     """Dtype of the frozen base weights and the forward: bf16 | fp16 | fp32. Losses are reduced in fp32."""
     targets: str = r"\.layers\.\d+\."
     """Regex a module name must match (re.search) to be a mask target; default: every Linear in a decoder block."""
@@ -91,7 +99,7 @@ class MaskConfig:
     cache_samples: bool = True
     """Keep the forward's packed masks (d/8 bytes per rank) for the update instead of drawing them again
     (same bits either way). Turn off when memory is tight: 8.75 GB per rank at 70B."""
-    kernels: str = "auto"
+    kernels: KernelMode = "auto"
     """Sampling/update kernels: auto (torch.compile when it reproduces the plain kernels' bits, else plain)
     | compiled | plain. Every rank must use the same; auto decides identically on identical hardware."""
 
@@ -113,19 +121,21 @@ class TrainConfig:
     lr: float = 50.0
     """Policy-gradient step size eta (paper: 50; loss residuals are ~1e-3)."""
     alpha: float = 0.99
-    """Moving-average factor of the residual tracker delta."""
-    estimator: str = "residual_tracker"
-    """residual_tracker (MaskPro) | residual (no tracker) | vanilla (loss alone; ablation)."""
-    tracker_order: str = "use_then_refresh"
+    """Moving-average factor of the residual tracker delta, in [0, 1). alpha = 1 would freeze delta at 0,
+    which is the plain-residual ablation: choose it with train.estimator = residual instead."""
+    estimator: EstimatorName = "residual_tracker"
+    """residual_tracker (MaskPro) | residual (no tracker; the plain-residual ablation) | vanilla (loss alone;
+    ablation). See docs/method.md §3."""
+    tracker_order: TrackerOrder = "use_then_refresh"
     """use_then_refresh: advantage r - delta_prev, then refresh (exactly unbiased);
     refresh_then_use: the reference script's order."""
-    advantage_norm: str = "none"
+    advantage_norm: AdvantageNorm = "none"
     """none: the paper's plain update | rms: divide advantages by their running RMS | clip: clip |a| to advantage_clip."""
     advantage_clip: float = 0.02
     """Bound on |advantage| when advantage_norm = clip (loss units)."""
     seed: int = 0
     """Seeds the data order and the counter-based mask sampler; same seed + world size = same masks."""
-    baseline: str = "precompute"
+    baseline: Literal["precompute", "online"] = "precompute"
     """precompute: f(m0) per sample id, cached once | online: a second forward with m0 every step."""
     max_bad_steps: int = 5
     """Consecutive non-finite-loss steps (skipped on all ranks) before the run stops with a checkpoint."""
@@ -158,7 +168,7 @@ class ZeroConfig:
     ranks (set to GPUs per node on multi-node runs; 1 = off)."""
     timeout_s: int = 600
     """Collective timeout: a dead rank fails the job after this many seconds."""
-    backend: str = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     """auto (nccl with CUDA, gloo on CPU) | nccl | gloo."""
 
 
@@ -187,14 +197,6 @@ class MetricsConfig:
 
 
 @dataclass
-class ExportConfig:
-    formats: str = "hf-dense,mask"
-    """Default formats for tools/export_masks.py: hf-dense, mask, ct-sparse24, logits."""
-    max_shard_size: str = "5GB"
-    """Maximum size of one output safetensors shard."""
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -203,18 +205,15 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> Config:
         """Cross-field checks; raises ValueError naming the field. Returns self."""
         parse_pattern(self.mask.pattern)
-        _choice("model.dtype", self.model.dtype, ("bf16", "fp16", "fp32"))
-        _choice("train.estimator", self.train.estimator, ("residual_tracker", "residual", "vanilla"))
-        _choice("train.tracker_order", self.train.tracker_order, ("use_then_refresh", "refresh_then_use"))
-        _choice("train.advantage_norm", self.train.advantage_norm, ("none", "rms", "clip"))
-        _choice("train.baseline", self.train.baseline, ("precompute", "online"))
-        _choice("zero.backend", self.zero.backend, ("auto", "nccl", "gloo"))
-        _choice("mask.kernels", self.mask.kernels, ("auto", "compiled", "plain"))
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            for key, annotation in _field_types(type(obj)).items():
+                if typing.get_origin(annotation) is Literal:
+                    _choice(f"{section}.{key}", getattr(obj, key), typing.get_args(annotation))
         _positive("data.seqlen", self.data.seqlen)
         _positive("data.num_samples", self.data.num_samples)
         _positive("data.batch_size", self.data.batch_size)
@@ -245,7 +244,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} = {value!r} is not allowed; choose one of {', '.join(allowed)}")
 
@@ -300,6 +299,8 @@ def _coerce(where: str, value: object, annotation: object) -> object:
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
         return value
+    if origin is Literal:  # the allowed values are checked by Config.validate, for every way a value is set
+        return _coerce(where, value, type(typing.get_args(annotation)[0]))
     if annotation is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. a path or name that YAML read as a number

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maskpro_ds.byte_tokenizer import byte_tokenizer
+from tests.byte_tokenizer import byte_tokenizer
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "

@@ -1,4 +1,4 @@
-"""Load a base model for evaluation and apply a mask artifact to it on the fly (no export needed).
+"""Apply a mask artifact to a loaded model on the fly (no export needed).
 
 The mask is applied in place after loading, ``W ← torch.where(mask, W, 0)``: pruned slots are
 exactly +0.0, the same weights an ``hf-dense`` export would hold. The artifact's base fingerprint is
@@ -10,25 +10,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from maskpro_ds.artifacts import model_fingerprint, read_mask_artifact
-from maskpro_ds.priors.targets import parse_dtype
-
-
-def load_causal_lm(model_dir: str | os.PathLike, dtype: str = "fp32", device: str = "cpu"):
-    """(model, tokenizer) from an HF directory, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype)).to(device)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return model, tokenizer
+from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.mask_artifact import read_mask_artifact
 
 
 @dataclass

@@ -12,11 +12,11 @@ import json
 import os
 from pathlib import Path
 
-from maskpro_ds.artifacts import WEIGHT_SUFFIXES
-from maskpro_ds.export.st_io import FLOAT_DTYPES, TensorInfo, read_header
+from maskpro_ds.formats.dtypes import FLOAT_DTYPES
+from maskpro_ds.formats.hashing import WEIGHT_SUFFIXES
+from maskpro_ds.formats.safetensors_io import TensorInfo, read_header
+from maskpro_ds.models.hf_dir import INDEX_FILE, SINGLE_FILE, check_model_dir
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # Config keys that would make a loader treat the dense export as quantized or compressed.
 COMPRESSION_KEYS = ("quantization_config", "sparsity_config", "compression_config")
 
@@ -25,11 +25,7 @@ class BaseModel:
     """Header-level view of a base model directory; errors name the file and what to do."""
 
     def __init__(self, model_dir: str | os.PathLike):
-        self.dir = Path(model_dir)
-        if not self.dir.is_dir():
-            raise FileNotFoundError(f"--base {self.dir}: not a directory")
-        if not (self.dir / "config.json").is_file():
-            raise FileNotFoundError(f"--base {self.dir}: no config.json; pass a Hugging Face model directory")
+        self.dir = check_model_dir(model_dir, "--base")
         self.tensors: dict[str, TensorInfo] = {}
         for file in self._weight_files():
             infos, _ = read_header(file)

@@ -12,7 +12,8 @@ Order of work (each step can refuse, and nothing is written before the pass star
 4. each format finishes (index, configs, manifests), ``export.json`` records the run, and with
    ``verify`` the whole export is re-read and checked before it gets its final name.
 
-Layout: ``out/<format>/`` for every requested format, plus ``out/export.json``.
+Layout: ``out/<format>/`` for every requested format, plus ``out/export.json``. The formats are
+the sinks of ``sinks/registry.py``; this module knows none of them by name.
 """
 
 from __future__ import annotations
@@ -25,36 +26,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from maskpro_ds.artifacts import model_fingerprint
-from maskpro_ds.atomic import atomic_directory
 from maskpro_ds.export.base_model import BaseModel
-from maskpro_ds.export.consolidate import CheckpointMasks
-from maskpro_ds.export.ct_sparse24 import CtSparse24Sink, check_pattern
-from maskpro_ds.export.hf_dense import HfDenseSink
-from maskpro_ds.export.logits_format import LOGITS_DTYPES, LogitsSink
-from maskpro_ds.export.mask_format import MaskSink
-from maskpro_ds.export.st_io import Reader, parse_size
+from maskpro_ds.export.manifest import DEFAULT_CHUNK_ELEMENTS, EXPORT_FORMAT, EXPORT_MANIFEST
+from maskpro_ds.export.sinks.base import ExportOptions, SinkContext
+from maskpro_ds.export.sinks.registry import SINKS, parse_formats
+from maskpro_ds.export.sources import ArtifactMasks, CheckpointMasks
+from maskpro_ds.export.verify import verify_export
+from maskpro_ds.formats.atomic import atomic_directory
+from maskpro_ds.formats.checkpoint_format import MANIFEST, resolve_checkpoint
+from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.safetensors_io import Reader, parse_size
 from maskpro_ds.masks.nm import nm_violations
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("hf-dense", "mask", "ct-sparse24", "logits")
-EXPORT_MANIFEST = "export.json"
-EXPORT_FORMAT = "maskpro_ds.export"
-DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M weights per block: ~100 MB of temporaries, large enough to stream at disk speed
-
-
-def parse_formats(text: str | list[str] | tuple[str, ...]) -> list[str]:
-    items = text.split(",") if isinstance(text, str) else list(text)
-    formats = []
-    for item in (i.strip() for i in items):
-        if item not in FORMATS:
-            raise ValueError(f"--format: unknown format {item!r}; choose from {', '.join(FORMATS)}")
-        if item not in formats:
-            formats.append(item)
-    if not formats:
-        raise ValueError(f"--format: give at least one of {', '.join(FORMATS)}")
-    return formats
 
 
 def check_fingerprint(base: BaseModel, recorded: str | None, source: str) -> bool:
@@ -68,20 +52,6 @@ def check_fingerprint(base: BaseModel, recorded: str | None, source: str) -> boo
             f"--base {base.dir}: fingerprint {actual[:16]}… differs from {recorded[:16]}… recorded in {source}; "
             "pass the base model the masks were made from (or --no-fingerprint-check if only the file layout changed)")
     return True
-
-
-def _make_sinks(sinks: list, formats, tmp: Path, base, masked, source, max_shard_bytes, logits_dtype) -> None:
-    """Append one writer per format to ``sinks`` (appended as made, so a failure can close the others)."""
-    for fmt in formats:
-        if fmt == "hf-dense":
-            sinks.append(HfDenseSink(tmp / fmt, base, masked, max_shard_bytes))
-        elif fmt == "ct-sparse24":
-            sinks.append(CtSparse24Sink(tmp / fmt, base, masked, source.n, source.m, max_shard_bytes))
-        elif fmt == "mask":
-            sinks.append(MaskSink(tmp / fmt, source.shapes, source.n, source.m, source.base_fingerprint, source.meta))
-        else:
-            sinks.append(LogitsSink(tmp / fmt, source.shapes, source.n, source.m, logits_dtype,
-                                    source.base_fingerprint, source.meta, max_shard_bytes))
 
 
 def _stream(base: BaseModel, source, masked, sinks, chunk_elements: int, progress: bool | None) -> dict:
@@ -131,13 +101,10 @@ def run_export(source, base_dir: str | os.PathLike, out: str | os.PathLike, form
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"--out {out} already exists; pass --force to overwrite it, or choose another --out")
-    if "logits" in formats and not source.has_logits:
-        raise ValueError(f"--format logits: {source.path} is a mask artifact and holds no logits; export logits from a checkpoint")
-    if "ct-sparse24" in formats:
-        check_pattern(source.n, source.m)
-    if logits_dtype not in LOGITS_DTYPES:
-        raise ValueError(f"--logits-dtype must be one of {', '.join(LOGITS_DTYPES)}; got {logits_dtype!r}")
-    max_shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
+    options = ExportOptions(max_shard_bytes=parse_size(max_shard_size) if max_shard_size is not None else None,
+                            logits_dtype=logits_dtype)
+    for fmt in formats:
+        SINKS[fmt].check(source, options)
     base = BaseModel(base_dir)
     masked = base.check_masked_layers(source.shapes, str(source.path))
     checked = check_fingerprint(base, source.base_fingerprint, str(source.path)) if fingerprint_check else False
@@ -145,7 +112,8 @@ def run_export(source, base_dir: str | os.PathLike, out: str | os.PathLike, form
     with atomic_directory(out, force=force) as tmp:
         sinks: list = []
         try:
-            _make_sinks(sinks, formats, tmp, base, masked, source, max_shard_bytes, logits_dtype)
+            for fmt in formats:  # appended as made, so a failure can close the ones already open
+                sinks.append(SINKS[fmt](SinkContext(tmp / fmt, base, masked, source, options)))
             stats = _stream(base, source, masked, sinks, chunk_elements, progress)
             results = {sink.format: sink.finish() for sink in sinks}
         except BaseException:
@@ -165,8 +133,6 @@ def run_export(source, base_dir: str | os.PathLike, out: str | os.PathLike, form
         }
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if verify:
-            from maskpro_ds.export.verify import verify_export
-
             report = verify_export(tmp, base_dir=base.dir, fingerprint_check=False, chunk_elements=chunk_elements)
             if not report.ok:
                 raise ValueError(f"--verify: the export failed its checks; nothing was written to {out}\n{report.summary()}")
@@ -183,10 +149,22 @@ def export_checkpoint(checkpoint: str | os.PathLike, base_dir: str | os.PathLike
         source.close()
 
 
+def apply_mask(mask_dir: str | os.PathLike, base_dir: str | os.PathLike, out: str | os.PathLike,
+               formats="hf-dense", **options) -> Path:
+    """``apply``: a mask artifact + the base model it was made from -> ``out/<format>/`` for each format.
+
+    The same streaming pass as a checkpoint export, with the mask read from the artifact's packed
+    bits instead of top-N of logits; the artifact's base fingerprint must match ``base_dir``.
+    """
+    source = ArtifactMasks(mask_dir)
+    try:
+        return run_export(source, base_dir, out, formats, **options)
+    finally:
+        source.close()
+
+
 def default_base(checkpoint: str | os.PathLike) -> str:
     """The base path recorded in a checkpoint manifest, for when --base is not given."""
-    from maskpro_ds.checkpoint_format import MANIFEST, resolve_checkpoint
-
     step_dir = resolve_checkpoint(checkpoint)
     recorded = json.loads((step_dir / MANIFEST).read_text()).get("base_model", {}).get("path")
     if not recorded:

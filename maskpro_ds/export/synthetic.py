@@ -15,9 +15,16 @@ from pathlib import Path
 
 import torch
 
-from maskpro_ds.checkpoint_format import LayerEntry, split_groups, step_dir_name, write_manifest, write_shard
-from maskpro_ds.export.hf_dense import open_model_writer, write_index
-from maskpro_ds.export.st_io import ST_DTYPES, PlannedTensor, tensor_bytes
+from maskpro_ds.export.sinks.hf_dense import open_model_writer, write_index
+from maskpro_ds.formats.checkpoint_format import (
+    LayerEntry,
+    split_groups,
+    step_dir_name,
+    write_manifest,
+    write_shard,
+)
+from maskpro_ds.formats.dtypes import TORCH_TO_ST
+from maskpro_ds.formats.safetensors_io import PlannedTensor, tensor_bytes
 
 LOGIT_BLOCK = 1 << 16
 
@@ -26,7 +33,7 @@ def write_random_base(model_dir: Path, tensors: list[tuple[str, tuple[int, ...],
                       max_shard_bytes: int | None = None, seed: int = 0, block_elements: int = 1 << 22) -> Path:
     """Random N(0, 0.02) weights in sharded safetensors + index + config.json."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    planned = [PlannedTensor(name, ST_DTYPES[dtype], tuple(shape)) for name, shape, dtype in tensors]
+    planned = [PlannedTensor(name, TORCH_TO_ST[dtype], tuple(shape)) for name, shape, dtype in tensors]
     writer = open_model_writer(model_dir, planned, max_shard_bytes)
     gen = torch.Generator().manual_seed(seed)
     for name, shape, dtype in tensors:

@@ -1,15 +1,17 @@
 """Re-open an export and check it against its own parts and the base model, a row block at a time.
 
-Checks (each failure is named; the report also lists what could not be checked and why):
-- every mask is strict N:M; top-N of the exported logits gives the exported mask;
-- hf-dense: every pruned slot is exactly +0.0 and every kept slot equals the base weight bit for bit
-  (a kept weight may itself be 0.0 in the base, so "zero pattern == mask complement" would be wrong);
+Each format's own checks live with its sink (the ``Check`` class of every sink in
+``sinks/registry.py``: tensor sets, indexes, config blocks, internal consistency); this module runs
+them and compares the formats with each other and with the base. Checks (each failure is named; the
+report also lists what could not be checked and why):
+- every mask a format holds (the mask artifact, top-N of the exported logits, the ct-sparse24
+  bitmask) is the same mask, and it is strict N:M;
+- every dense view (hf-dense, ct-sparse24 decompressed by our own reader) holds exactly the same
+  weights: +0.0 in every pruned slot and the base weight, bit for bit, in every kept slot (a kept
+  weight may itself be 0.0 in the base, so "zero pattern == mask complement" would be wrong);
   without a mask to compare with: every slot is the base value or +0.0 and no group keeps more than
-  N non-zeros; config.json carries no quantization/sparsity block;
-- ct-sparse24: our own decompressor (formats.md §3 byte layout) gives exactly the hf-dense weights
-  (or the masked base when hf-dense was not exported); bitmask == the mask; strict 2:4; ``P.shape``;
-  the quantization_config block, global_sparsity included;
-- every unmasked tensor is byte-identical to the base; indexes list exactly the tensors present;
+  N non-zeros;
+- every unmasked tensor a format copies is byte-identical to the base;
 - a per-layer sparsity table.
 """
 
@@ -22,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from maskpro_ds.artifacts import MASK_FILE, model_fingerprint, read_mask_artifact
-from maskpro_ds.export.base_model import COMPRESSION_KEYS, BaseModel
-from maskpro_ds.export.ct_sparse24 import decompress, ignored_modules, quantization_config
-from maskpro_ds.export.logits_format import LOGITS_MANIFEST
-from maskpro_ds.export.pipeline import DEFAULT_CHUNK_ELEMENTS, EXPORT_MANIFEST, FORMATS
-from maskpro_ds.export.st_io import FLOAT_DTYPES, Reader, TensorInfo, iter_row_chunks, read_header
-from maskpro_ds.masks.nm import nm_violations, pack_bits, parse_pattern, topn_mask, unpack_bits
+from maskpro_ds.export.base_model import BaseModel
+from maskpro_ds.export.manifest import DEFAULT_CHUNK_ELEMENTS, EXPORT_MANIFEST
+from maskpro_ds.export.sinks.base import CheckContext, CheckFailed, RowView
+from maskpro_ds.export.sinks.registry import FORMATS, SINKS
+from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.safetensors_io import Reader
+from maskpro_ds.masks.nm import nm_violations, parse_pattern
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -80,139 +82,84 @@ def _locate(path: Path) -> tuple[Path, list[str] | None]:
     raise FileNotFoundError(f"{path}: not an export (no {EXPORT_MANIFEST}); pass the --out directory of an export")
 
 
-class _Views:
-    """Read access to every part of one export plus the base."""
-
-    def __init__(self, root: Path, formats: list[str], base: BaseModel | None, report: VerifyReport):
-        self.reader = Reader()
-        self.base = base
-        self.hf = BaseModel(root / "hf-dense") if "hf-dense" in formats else None
-        self.ct = BaseModel(root / "ct-sparse24") if "ct-sparse24" in formats else None
-        self.mask_tensors: dict[str, TensorInfo] | None = None
-        self.logits_tensors: dict[str, TensorInfo] | None = None
-        if "mask" in formats:
-            self.mask_artifact = read_mask_artifact(root / "mask")
-            self.mask_tensors, _ = read_header(root / "mask" / MASK_FILE)
-        if "logits" in formats:
-            manifest = json.loads((root / "logits" / LOGITS_MANIFEST).read_text())
-            self.logits_tensors = {}
-            for file_name in sorted(set(manifest["weight_map"].values())):
-                infos, _ = read_header(root / "logits" / file_name)
-                self.logits_tensors.update(infos)
-
-    def rows(self, tensors: dict[str, TensorInfo] | None, name: str, r0: int, r1: int) -> torch.Tensor | None:
-        return None if tensors is None else self.reader.read_rows(tensors[name], r0, r1)
-
-
-def _check_tensor_sets(v: _Views, shapes: dict, report: VerifyReport) -> None:
-    masked_weights = {f"{layer}.weight" for layer in shapes}
-    if v.hf is not None and v.base is not None:
-        expected = {n: (t.dtype, t.shape) for n, t in v.base.tensors.items()}
-        got = {n: (t.dtype, t.shape) for n, t in v.hf.tensors.items()}
-        if got != expected:
-            report.fail(f"hf-dense: tensor set differs from the base (missing {sorted(set(expected) - set(got))[:4]}, "
-                        f"extra {sorted(set(got) - set(expected))[:4]}, or dtype/shape changed)")
-    if v.ct is not None and v.base is not None:
-        expected = {n for n in v.base.tensors if n not in masked_weights}
-        for layer in shapes:
-            expected |= {f"{layer}.compressed", f"{layer}.bitmask", f"{layer}.shape"}
-        if set(v.ct.tensors) != expected:
-            report.fail(f"ct-sparse24: tensor set differs from the base with masked weights compressed "
-                        f"(missing {sorted(expected - set(v.ct.tensors))[:4]}, extra {sorted(set(v.ct.tensors) - expected)[:4]})")
-    for label, model in (("hf-dense", v.hf), ("ct-sparse24", v.ct)):
-        if model is not None:
-            index = json.loads((model.dir / "model.safetensors.index.json").read_text())
-            total = sum(t.nbytes for t in model.tensors.values())
-            if index["metadata"].get("total_size") != total or set(index["weight_map"]) != set(model.tensors):
-                report.fail(f"{label}: model.safetensors.index.json does not match the shard files")
-    if v.hf is not None:
-        bad = [k for k in COMPRESSION_KEYS if k in v.hf.config()]
-        if bad:
-            report.fail(f"hf-dense/config.json carries {bad}; dense loaders would misread it")
+def _block_failures(views: list[RowView], base: torch.Tensor | None, n: int, m: int) -> list[str]:
+    """Cross-format checks of one row block; returns the failures (empty when the block is fine)."""
+    masks = [v for v in views if v.mask is not None]
+    mask = masks[0].mask if masks else None
+    failures = [f"{v.mask_label} differs from {masks[0].mask_label}" for v in masks[1:] if not torch.equal(v.mask, mask)]
+    if failures:
+        return failures
+    if mask is not None and nm_violations(mask, n, m).numel():
+        return [f"mask is not strict {n}:{m}"]
+    dense = [v for v in views if v.dense is not None]
+    failures = [f"{v.dense_label} holds weights other than the {dense[0].dense_label} ones"
+                for v in dense[1:] if not torch.equal(_bits(v.dense), _bits(dense[0].dense))]
+    for v in dense:
+        w, label = _bits(v.dense), v.dense_label
+        if mask is not None:
+            if bool((w[~mask] != 0).any()):
+                failures.append(f"{label} has a pruned slot that is not +0.0")
+            elif base is not None and not torch.equal(w[mask], _bits(base)[mask]):
+                failures.append(f"{label} has a kept slot that differs from the base")
+        else:
+            if base is not None and bool(((w != _bits(base)) & (w != 0)).any()):
+                failures.append(f"{label} has a value that is neither the base weight nor +0.0")
+            elif bool(((v.dense != 0).reshape(-1, m).sum(-1) > n).any()):
+                failures.append(f"{label} keeps more than {n} non-zeros in a group of {m}")
+    return failures
 
 
-def _check_layer(v: _Views, layer: str, shape, n: int, m: int, chunk: int, report: VerifyReport, ct_count: list) -> None:
+def _check_layer(checks: dict, base: BaseModel | None, reader: Reader, layer: str, shape, n: int, m: int,
+                 chunk: int, report: VerifyReport) -> None:
     out_f, in_f = shape
     rows = max(1, chunk // in_f)
     kept = zeros = 0
+    any_mask = any_dense = False
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
         where = f"{layer} rows {r0}..{r1}"
-        mask = v.rows(v.mask_tensors, layer, r0, r1)
-        mask = None if mask is None else unpack_bits(mask, in_f)
-        logits = v.rows(v.logits_tensors, layer, r0 * in_f // m, r1 * in_f // m)
-        if logits is not None:
-            from_logits = topn_mask(logits.float().reshape(r1 - r0, in_f), n, m)
-            if mask is not None and not torch.equal(from_logits, mask):
-                return report.fail(f"{where}: top-{n} of the exported logits differs from the exported mask")
-            mask = from_logits
-        if mask is not None and nm_violations(mask, n, m).numel():
-            return report.fail(f"{where}: mask is not strict {n}:{m}")
-        base = None if v.base is None else v.reader.read_rows(v.base.tensors[f"{layer}.weight"], r0, r1)
-        hf = None if v.hf is None else v.reader.read_rows(v.hf.tensors[f"{layer}.weight"], r0, r1)
-        if hf is not None:
-            if mask is not None:
-                if bool((_bits(hf)[~mask] != 0).any()):
-                    return report.fail(f"{where}: hf-dense has a pruned slot that is not +0.0")
-                if base is not None and not torch.equal(_bits(hf)[mask], _bits(base)[mask]):
-                    return report.fail(f"{where}: hf-dense has a kept slot that differs from the base")
-            else:
-                if base is not None and bool(((_bits(hf) != _bits(base)) & (_bits(hf) != 0)).any()):
-                    return report.fail(f"{where}: hf-dense has a value that is neither the base weight nor +0.0")
-                if bool(((hf != 0).reshape(-1, m).sum(-1) > n).any()):
-                    return report.fail(f"{where}: hf-dense keeps more than {n} non-zeros in a group of {m}")
-        if v.ct is not None:
-            comp = v.reader.read_rows(v.ct.tensors[f"{layer}.compressed"], r0, r1)
-            bitmask = v.reader.read_rows(v.ct.tensors[f"{layer}.bitmask"], r0, r1)
-            if nm_violations(unpack_bits(bitmask, in_f), 2, 4).numel():
-                return report.fail(f"{where}: ct-sparse24 bitmask is not strict 2:4")
-            if mask is not None and not torch.equal(bitmask, pack_bits(mask)):
-                return report.fail(f"{where}: ct-sparse24 bitmask differs from the mask")
-            dense = decompress(comp, bitmask, in_f)
-            reference = hf if hf is not None else (
-                torch.where(mask, base, 0) if mask is not None and base is not None else None)
-            if reference is not None and not torch.equal(_bits(dense), _bits(reference)):
-                return report.fail(f"{where}: ct-sparse24 decompresses to weights other than the hf-dense ones")
-            ct_count[0] += int((dense == 0).sum())
-            ct_count[1] += dense.numel()
-            hf = dense if hf is None else hf
+        try:
+            views = [check.rows(layer, r0, r1) for check in checks.values()]
+        except CheckFailed as e:
+            return report.fail(f"{where}: {e}")
+        base_rows = None if base is None else reader.read_rows(base.tensors[f"{layer}.weight"], r0, r1)
+        failures = _block_failures(views, base_rows, n, m)
+        if failures:
+            for failure in failures:
+                report.fail(f"{where}: {failure}")
+            return None  # one failing block per layer is enough to name it
+        mask = next((v.mask for v in views if v.mask is not None), None)
+        dense = next((v.dense for v in views if v.dense is not None), None)
         if mask is not None:
-            kept += int(mask.sum())
-        if hf is not None:
-            zeros += int((hf == 0).sum())
+            any_mask, kept = True, kept + int(mask.sum())
+        if dense is not None:
+            any_dense, zeros = True, zeros + int((dense == 0).sum())
     row = report.layers.setdefault(layer, {"shape": [out_f, in_f]})
-    if v.mask_tensors is not None or v.logits_tensors is not None:
+    if any_mask:
         row["kept_fraction"] = kept / (out_f * in_f)
-    if v.hf is not None or v.ct is not None:
+    if any_dense:
         row["zero_fraction"] = zeros / (out_f * in_f)
-    if v.ct is not None:
-        shape_t = v.reader.read_rows(v.ct.tensors[f"{layer}.shape"], 0, 2)
-        if shape_t.dtype != torch.int64 or shape_t.reshape(-1).tolist() != [out_f, in_f]:
-            report.fail(f"{layer}: ct-sparse24 {layer}.shape is {shape_t.tolist()}, expected [[{out_f}], [{in_f}]]")
+    return None
 
 
-def _check_unmasked(v: _Views, shapes: dict, report: VerifyReport, ct_count: list) -> None:
+def _check_unmasked(checks: dict, base: BaseModel, reader: Reader, shapes: dict, report: VerifyReport) -> None:
     masked_weights = {f"{layer}.weight" for layer in shapes}
-    for name, info in v.base.tensors.items() if v.base is not None else ():
+    for name, info in base.tensors.items():
         if name in masked_weights:
             continue
-        for label, model in (("hf-dense", v.hf), ("ct-sparse24", v.ct)):
-            if model is None or name not in model.tensors:
+        for fmt, check in checks.items():
+            other = check.copied(name)
+            if other is None:
                 continue
-            other = model.tensors[name]
             same = other.nbytes == info.nbytes
             for offset in range(0, info.nbytes, 64 << 20) if same else ():
                 length = min(64 << 20, info.nbytes - offset)
-                if v.reader.read_bytes(info.path, info.start + offset, length) != v.reader.read_bytes(
+                if reader.read_bytes(info.path, info.start + offset, length) != reader.read_bytes(
                         other.path, other.start + offset, length):
                     same = False
                     break
             if not same:
-                report.fail(f"{label}: unmasked tensor {name} is not byte-identical to the base")
-        if v.ct is not None and info.dtype in FLOAT_DTYPES:
-            for block in iter_row_chunks(v.reader, info):
-                ct_count[0] += int((block == 0).sum())
-                ct_count[1] += block.numel()
+                report.fail(f"{fmt}: unmasked tensor {name} is not byte-identical to the base")
 
 
 def verify_export(path: str | os.PathLike, base_dir: str | os.PathLike | None = None, *,
@@ -236,31 +183,27 @@ def verify_export(path: str | os.PathLike, base_dir: str | os.PathLike | None = 
                 report.checked.append(f"base fingerprint of {base_path}")
     else:
         report.skipped.append(f"comparisons with the base: {base_path} not found (pass --base)")
-    v = _Views(root, formats, base, report)
+    reader = Reader()
     try:
-        if "mask" in formats:
-            if v.mask_artifact.shapes != shapes or (v.mask_artifact.n, v.mask_artifact.m) != (n, m):
-                report.fail("mask: mask_manifest.json layers or pattern differ from export.json")
-        if v.mask_tensors is None and v.logits_tensors is None:
-            report.skipped.append("exact mask comparison: neither mask nor logits exported; checked N:M pruning of the base instead")
-        _check_tensor_sets(v, shapes, report)
-        ct_count = [0, 0]
+        # Formats that hold a mask go first: the first mask is the one the others are compared with.
+        ordered = sorted(formats, key=lambda fmt: SINKS[fmt].Check.authority)
+        checks = {fmt: SINKS[fmt].Check(CheckContext(root / fmt, shapes, n, m, base, reader)) for fmt in ordered}
+        if not any(fmt in checks for fmt in ("mask", "logits")):
+            report.skipped.append("exact mask comparison: neither mask nor logits exported; "
+                                  "checked the N:M pruning of the dense views instead")
+        for check in checks.values():
+            check.check_files(report)
         for layer, shape in shapes.items():
-            _check_layer(v, layer, shape, n, m, chunk_elements, report, ct_count)
+            _check_layer(checks, base, reader, layer, shape, n, m, chunk_elements, report)
             recorded_kept = manifest["layers"][layer].get("kept")
             got = report.layers.get(layer, {}).get("kept_fraction")
             if got is not None and recorded_kept is not None and round(got * shape[0] * shape[1]) != recorded_kept:
                 report.fail(f"{layer}: export.json records {recorded_kept} kept weights, the mask keeps {got * shape[0] * shape[1]:.0f}")
-        _check_unmasked(v, shapes, report, ct_count)
-        if v.ct is not None:
-            config = v.ct.config().get("quantization_config")
-            if base is not None and ct_count[1]:
-                expected = quantization_config(ct_count[0] / ct_count[1], sorted(shapes), ignored_modules(base, set(shapes)))
-                if config != expected:
-                    report.fail(f"ct-sparse24/config.json quantization_config is {config}, expected {expected}")
-            elif not config or config.get("config_groups") != {}:
-                report.fail("ct-sparse24/config.json: quantization_config missing or without config_groups")
+        if base is not None:
+            _check_unmasked(checks, base, reader, shapes, report)
+        for check in checks.values():
+            check.finish(report)
         report.checked += [f"{fmt}: {len(shapes)} masked layers" for fmt in formats]
     finally:
-        v.reader.close()
+        reader.close()
     return report

@@ -1,14 +1,20 @@
 """The advantages of a MaskPro step: the smoothed residual baseline and optional conditioning.
 
 :class:`ResidualTracker` turns the per-rank loss residuals r_k = f(m_k) - f(m0) into advantages
-a_k = r_k - delta (method.md §3); :class:`AdvantageScaler` optionally conditions them so the
-per-event logit change lr |a| stays in range over long runs (method.md §7). Plain floats: both
+a_k = r_k - delta (docs/method.md §3); :class:`AdvantageScaler` optionally conditions them so the
+per-event logit change lr |a| stays in range over long runs (docs/method.md §5). Plain floats: both
 states are saved in checkpoints as exact hex strings.
 """
 
 from __future__ import annotations
 
 import math
+import typing
+
+TrackerOrder = typing.Literal["use_then_refresh", "refresh_then_use"]
+"""``train.tracker_order``: when δ is refreshed relative to its use (see :class:`ResidualTracker`)."""
+AdvantageNorm = typing.Literal["none", "rms", "clip"]
+"""``train.advantage_norm``: the conditioning of :class:`AdvantageScaler`."""
 
 
 def _finite_list(values, name: str) -> list[float]:
@@ -21,7 +27,7 @@ def _finite_list(values, name: str) -> list[float]:
 
 
 class ResidualTracker:
-    """The smoothed baseline delta of method.md §3 and the advantages a_k = r_k - delta.
+    """The smoothed baseline delta of docs/method.md §3 and the advantages a_k = r_k - delta.
 
     With K residuals per step (one per rank), delta moves with their mean:
     delta <- alpha delta + (1 - alpha) mean(r). Orders:
@@ -33,12 +39,15 @@ class ResidualTracker:
       i.e. the default update scaled by alpha. Its own r_k enters with weight (1 - alpha)/K, which
       scales the expected update by 1 - (1 - alpha)/K: unbiased in direction.
 
-    ``alpha = 1`` keeps delta fixed at its initial value: the plain-residual ablation (delta = 0).
+    ``alpha = 1`` keeps delta fixed at its initial value (0): the advantages are the plain residuals.
+    The math allows it (the tests use it to check that identity), but a training run selects the
+    plain-residual ablation with ``train.estimator = residual``, so ``train.alpha`` is kept in [0, 1)
+    where the tracker actually tracks.
     """
 
-    ORDERS = ("use_then_refresh", "refresh_then_use")
+    ORDERS = typing.get_args(TrackerOrder)
 
-    def __init__(self, alpha: float = 0.99, order: str = "use_then_refresh", delta: float = 0.0):
+    def __init__(self, alpha: float = 0.99, order: TrackerOrder = "use_then_refresh", delta: float = 0.0):
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"ResidualTracker: alpha must be in [0, 1], got {alpha}")
         if order not in self.ORDERS:
@@ -78,7 +87,7 @@ class ResidualTracker:
 
 
 class AdvantageScaler:
-    """Advantage conditioning for long runs (method.md §7); not part of the paper.
+    """Advantage conditioning for long runs (docs/method.md §5); not part of the paper.
 
     * ``"none"``: a unchanged (the paper's plain update).
     * ``"rms"``: a / max(rms, eps), rms = sqrt of a bias-corrected running mean of mean(a^2) over
@@ -88,9 +97,9 @@ class AdvantageScaler:
     * ``"clip"``: a clipped to [-clip, clip] (``clip`` required).
     """
 
-    MODES = ("none", "rms", "clip")
+    MODES = typing.get_args(AdvantageNorm)
 
-    def __init__(self, mode: str = "none", beta: float = 0.99, clip: float | None = None, eps: float = 1e-8):
+    def __init__(self, mode: AdvantageNorm = "none", beta: float = 0.99, clip: float | None = None, eps: float = 1e-8):
         if mode not in self.MODES:
             raise ValueError(f"AdvantageScaler: mode must be one of {self.MODES}, got {mode!r}")
         if not 0.0 <= float(beta) < 1.0:

@@ -1,6 +1,6 @@
 """The MaskPro estimator: set probability, its score, the logit update, init and final masks.
 
-Model (method.md §2): group logits pi in R^M, p = softmax(pi), a mask is the unordered set S of
+Model (docs/method.md §2): group logits pi in R^M, p = softmax(pi), a mask is the unordered set S of
 N positions drawn without replacement (Plackett–Luce). Groups are independent, so every function
 here works row-wise on ``[G, M]`` and a layer is any slice of rows.
 
@@ -16,13 +16,13 @@ Score ∇_pi log P(S):
 * other N: autograd through :func:`log_prob_set`, a subset dynamic programme over the N! orderings
   in log space (2^N log-sum-exps; fine up to N = 8).
 
-Update (method.md §3): pi <- pi - lr/K sum_k a_k ∇ log P(m_k | pi), every score taken at the OLD pi.
+Update (docs/method.md §3): pi <- pi - lr/K sum_k a_k ∇ log P(m_k | pi), every score taken at the OLD pi.
 :func:`apply_update_` takes bool masks; :func:`apply_update_codes_` (the sharded store's path)
 takes the sampler's per-group codes, runs the same fp32 operations in one kernel per chunk
 (:func:`update_final_block`, also giving the top-2 final mask for monitoring) and checks the
 result is finite once per call.
 The advantage a_k comes from :class:`ResidualTracker` (a_k = r_k - delta) and optionally
-:class:`AdvantageScaler` (method.md §7: keep the per-event logit change lr |a| in range); both live
+:class:`AdvantageScaler` (docs/method.md §5: keep the per-event logit change lr |a| in range); both live
 in :mod:`maskpro_ds.masks.advantages` and are importable from here too.
 """
 

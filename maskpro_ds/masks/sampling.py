@@ -10,7 +10,7 @@ int64 tensors holding 32-bit values. Every multiplier is below 2**31, so the pro
 state and a multiplier stays below 2**63: no signed overflow is ever relied on. Uniforms use the
 top 24 bits, so they are exact in fp32, lie in [0, 1) and are never 1.0.
 
-Distribution (method.md §2): N positions drawn one after another without replacement with
+Distribution (docs/method.md §2): N positions drawn one after another without replacement with
 probabilities softmax(pi) (Plackett–Luce). Two exact paths:
 
 * N = 2: one uniform per group and the inverse CDF over the C(M, 2) unordered pairs (lexicographic

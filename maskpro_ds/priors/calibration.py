@@ -8,7 +8,7 @@ DENSE weights in this pass), let the method turn statistics into masks (and, for
 updated weights), write the pruned weights into the block, and run it again to produce the next
 block's inputs. So block k+1 is calibrated on what the pruned blocks 0..k produce ("sequential"
 semantics). Original weights are restored afterwards: the caller's model is unchanged and the
-masks apply to the ORIGINAL weights (method.md §2).
+masks apply to the ORIGINAL weights (docs/method.md §2).
 
 Calibration windows: the text is tokenised once (no special tokens) and ``nsamples`` windows of
 ``seqlen`` tokens are cut at evenly spaced, non-overlapping offsets across the whole stream, so a
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from maskpro_ds.priors.model_io import ModelHandle
-from maskpro_ds.priors.targets import targets_in_block
+from maskpro_ds.models.lazy import ModelHandle
+from maskpro_ds.models.targets import targets_in_block
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from maskpro_ds.masks.nm import group_view, topn_mask, unpack_bits
-from maskpro_ds.priors.model_io import WeightFiles
+from maskpro_ds.models.lazy import WeightFiles
+from maskpro_ds.priors.base import PriorInputs
 
 
 def _detect_layout(files: WeightFiles, name: str) -> str:
@@ -96,3 +98,21 @@ def masks_from_checkpoint(
         "completion_rule": "groups with fewer than N non-zeros are completed with their lowest-index zero slots",
     }
     return masks, info
+
+
+@dataclass
+class FromCheckpointOptions:
+    source: str | None = field(default=None, metadata={"help": "pruned checkpoint directory to read the mask from"})
+
+
+class FromCheckpointPrior:
+    name = "from-checkpoint"
+    needs_calibration = False
+    Options = FromCheckpointOptions
+
+    def masks(self, inputs: PriorInputs, options: FromCheckpointOptions) -> tuple[dict[str, torch.Tensor], dict]:
+        if not options.source:
+            raise ValueError("--method from-checkpoint needs --source (the pruned checkpoint directory)")
+        shapes = {t: tuple(inputs.handle.model.get_submodule(t).weight.shape) for t in inputs.targets}
+        masks, info = masks_from_checkpoint(options.source, shapes, inputs.n, inputs.m)
+        return masks, {"from_checkpoint": info}

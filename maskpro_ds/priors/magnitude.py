@@ -9,9 +9,19 @@ from __future__ import annotations
 import torch
 
 from maskpro_ds.masks.nm import magnitude_prior
-from maskpro_ds.priors.model_io import ModelHandle
+from maskpro_ds.models.lazy import ModelHandle
+from maskpro_ds.priors.base import NoOptions, PriorInputs
 
 
 def magnitude_masks(handle: ModelHandle, targets: list[str], n: int, m: int) -> dict[str, torch.Tensor]:
     """name -> bool [out, in] top-N |W| per group (lower column wins ties)."""
     return {name: magnitude_prior(handle.weight(name), n, m).cpu() for name in targets}
+
+
+class MagnitudePrior:
+    name = "magnitude"
+    needs_calibration = False
+    Options = NoOptions
+
+    def masks(self, inputs: PriorInputs, options: NoOptions) -> tuple[dict[str, torch.Tensor], dict]:
+        return magnitude_masks(inputs.handle, inputs.targets, inputs.n, inputs.m), {}

@@ -1,9 +1,9 @@
-"""Build a prior mask artifact: open the base, pick targets, run one method, write the artifact.
+"""Build a prior mask artifact: open the base, pick targets, run one registered method, write the artifact.
 
-This is the one orchestration of ``tools/make_prior.py``; the methods themselves live in
-magnitude.py, wanda.py, sparsegpt.py and from_checkpoint.py. The artifact (maskpro_ds.artifacts)
-is validated strict N:M before it is written and carries the base model's fingerprint, so training
-and evaluation refuse a base it was not made from.
+This is the one orchestration behind ``maskpro-prior``; the methods live in their own files and are
+found through ``registry.PRIOR_METHODS``. The artifact (maskpro_ds.formats.mask_artifact) is
+validated strict N:M before it is written and carries the base model's fingerprint, so training and
+evaluation refuse a base it was not made from.
 """
 
 from __future__ import annotations
@@ -11,57 +11,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from maskpro_ds.artifacts import model_fingerprint, write_mask_artifact
+from maskpro_ds.data.texts import join_texts, load_texts
+from maskpro_ds.formats.dtypes import parse_dtype
+from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.mask_artifact import write_mask_artifact
 from maskpro_ds.masks.nm import parse_pattern
+from maskpro_ds.models.lazy import open_causal_lm
+from maskpro_ds.models.targets import select_targets
+from maskpro_ds.priors.base import PriorInputs, PriorSpec
 from maskpro_ds.priors.calibration import calibration_tokens
-from maskpro_ds.priors.from_checkpoint import masks_from_checkpoint
-from maskpro_ds.priors.magnitude import magnitude_masks
-from maskpro_ds.priors.model_io import open_causal_lm
-from maskpro_ds.priors.sparsegpt import sparsegpt_masks
-from maskpro_ds.priors.targets import DEFAULT_EXCLUDE, parse_dtype, select_targets
-from maskpro_ds.priors.wanda import wanda_masks
+from maskpro_ds.priors.registry import METHODS, PRIOR_METHODS
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "from-checkpoint")
-
-
-@dataclass
-class PriorSpec:
-    """Everything that defines a prior; the CLI fills it from its options."""
-
-    model: str
-    method: str
-    out: str
-    pattern: str = "2:4"
-    calib: str | None = None
-    calib_split: str = "train"
-    text_field: str = "text"
-    nsamples: int = 32
-    seqlen: int = 128
-    source: str | None = None
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
-    dtype: str = "fp32"
-    load: str = "lazy"
-    device: str = "cpu"
-    batch_size: int = 8
-    blocksize: int = 128
-    percdamp: float = 0.01
-    force: bool = False
-
 
 def _calibration(spec: PriorSpec, tokenizer) -> tuple[torch.Tensor, dict]:
-    from maskpro_ds.eval.texts import join_texts, load_texts
-
     if not spec.calib:
         raise ValueError(f"--method {spec.method} needs --calib (a text/json/parquet file or a dataset name)")
-    text = join_texts(load_texts(spec.calib, split=spec.calib_split, text_field=spec.text_field))
+    # A .txt file is read whole, so the joined text is the file byte for byte.
+    text = join_texts(load_texts(spec.calib, split=spec.calib_split, text_field=spec.text_field, split_txt=False))
     tokens = calibration_tokens(tokenizer, text, spec.nsamples, spec.seqlen)
     info = {
         "source": str(spec.calib),
@@ -76,38 +48,29 @@ def _calibration(spec: PriorSpec, tokenizer) -> tuple[torch.Tensor, dict]:
 
 def compute_prior(spec: PriorSpec) -> tuple[dict[str, torch.Tensor], dict]:
     """Run the method of ``spec``; returns (masks name -> bool [out, in], meta for the artifact)."""
-    if spec.method not in METHODS:
+    if spec.method not in PRIOR_METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {spec.method!r}")
+    method = PRIOR_METHODS[spec.method]()
+    options = spec.options if spec.options is not None else method.Options()
+    if not isinstance(options, method.Options):
+        raise ValueError(f"--method {spec.method} takes {method.Options.__name__}, got {type(options).__name__}")
     if spec.load not in ("lazy", "eager"):
         raise ValueError(f"--load must be lazy or eager; got {spec.load!r}")
     n, m = parse_pattern(spec.pattern)
     dtype = parse_dtype(spec.dtype)
     t0 = time.perf_counter()
     handle = open_causal_lm(spec.model, dtype=dtype, lazy=spec.load == "lazy", device=spec.device)
-    targets = select_targets(handle.model, m, include=spec.include, exclude=spec.exclude)
+    targets = [t.name for t in select_targets(handle.model, m, include=spec.include, exclude=spec.exclude)]
     meta: dict = {"method": spec.method, "dtype": spec.dtype, "load": spec.load, "calib": None}
     t_method = time.perf_counter()
     try:
-        if spec.method == "magnitude":
-            masks = magnitude_masks(handle, targets, n, m)
-        elif spec.method == "from-checkpoint":
-            if not spec.source:
-                raise ValueError("--method from-checkpoint needs --source (the pruned checkpoint directory)")
-            shapes = {t: tuple(handle.model.get_submodule(t).weight.shape) for t in targets}
-            masks, meta["from_checkpoint"] = masks_from_checkpoint(spec.source, shapes, n, m)
-        else:
+        tokens = None
+        if method.needs_calibration:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(spec.model)
-            tokens, meta["calib"] = _calibration(spec, tokenizer)
-            if spec.method == "wanda":
-                masks = wanda_masks(handle, tokens, targets, n, m, batch_size=spec.batch_size)
-            else:
-                masks = sparsegpt_masks(
-                    handle, tokens, targets, n, m, blocksize=spec.blocksize, percdamp=spec.percdamp,
-                    batch_size=spec.batch_size,
-                )
-                meta["sparsegpt"] = {"blocksize": spec.blocksize, "percdamp": spec.percdamp}
+            tokens, meta["calib"] = _calibration(spec, AutoTokenizer.from_pretrained(spec.model))
+        masks, extra = method.masks(PriorInputs(handle, targets, n, m, tokens, spec.batch_size), options)
+        meta.update(extra)
     finally:
         handle.close()
     meta["method_time_s"] = round(time.perf_counter() - t_method, 3)  # the method alone (incl. calibration)
@@ -125,4 +88,3 @@ def make_prior(spec: PriorSpec) -> Path:
     masks, meta = compute_prior(spec)
     fingerprint = model_fingerprint(spec.model)
     return write_mask_artifact(out, masks, n, m, fingerprint, meta=meta, force=spec.force)
-

@@ -12,18 +12,21 @@ with the largest w² / U_kk² (= w² / [H⁻¹]_kk, ties to the lower column), t
 updated so far. Updates are applied lazily in column blocks of 128: inside a block column by
 column, to the rest of the matrix once per block (E · U_{block, rest}).
 
-Only the mask is kept as the prior; MaskPro applies it to the original weights (method.md §2). The
+Only the mask is kept as the prior; MaskPro applies it to the original weights (docs/method.md §2). The
 updated weights are used for the sequential calibration of later blocks, as the reference does.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+
 import torch
 from torch import nn
 
 from maskpro_ds.masks.nm import topn_mask
+from maskpro_ds.models.lazy import ModelHandle
+from maskpro_ds.priors.base import PriorInputs
 from maskpro_ds.priors.calibration import BlockResult, Hessian, run_blockwise
-from maskpro_ds.priors.model_io import ModelHandle
 
 
 def _inverse_cholesky_upper(h: torch.Tensor, name: str) -> torch.Tensor:
@@ -107,3 +110,20 @@ def sparsegpt_masks(
         return BlockResult(mask=mask, pruned_weight=updated)
 
     return run_blockwise(handle, tokens, targets, make_stat, prune, batch_size=batch_size)
+
+
+@dataclass
+class SparseGPTOptions:
+    blocksize: int = field(default=128, metadata={"help": "SparseGPT column block size"})
+    percdamp: float = field(default=0.01, metadata={"help": "SparseGPT dampening, fraction of mean diag(H)"})
+
+
+class SparseGPTPrior:
+    name = "sparsegpt"
+    needs_calibration = True
+    Options = SparseGPTOptions
+
+    def masks(self, inputs: PriorInputs, options: SparseGPTOptions) -> tuple[dict[str, torch.Tensor], dict]:
+        masks = sparsegpt_masks(inputs.handle, inputs.tokens, inputs.targets, inputs.n, inputs.m,
+                                blocksize=options.blocksize, percdamp=options.percdamp, batch_size=inputs.batch_size)
+        return masks, {"sparsegpt": asdict(options)}

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from maskpro_ds.masks.nm import topn_mask
+from maskpro_ds.models.lazy import ModelHandle
+from maskpro_ds.priors.base import NoOptions, PriorInputs
 from maskpro_ds.priors.calibration import BlockResult, ColumnSumSq, run_blockwise
-from maskpro_ds.priors.model_io import ModelHandle
 
 
 def wanda_scores(weight: torch.Tensor, col_sumsq: torch.Tensor) -> torch.Tensor:
@@ -35,3 +36,13 @@ def wanda_masks(
         return BlockResult(mask=mask, pruned_weight=torch.where(mask, lin.weight.data, 0))
 
     return run_blockwise(handle, tokens, targets, make_stat, prune, batch_size=batch_size)
+
+
+class WandaPrior:
+    name = "wanda"
+    needs_calibration = True
+    Options = NoOptions
+
+    def masks(self, inputs: PriorInputs, options: NoOptions) -> tuple[dict[str, torch.Tensor], dict]:
+        return wanda_masks(inputs.handle, inputs.tokens, inputs.targets, inputs.n, inputs.m,
+                           batch_size=inputs.batch_size), {}

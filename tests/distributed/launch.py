@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from maskpro_ds.local_launch import child_env, free_port
+from maskpro_ds.train.local_launch import child_env, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "launchers" / "train.py")

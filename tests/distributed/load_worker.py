@@ -33,7 +33,7 @@ def measure_fill(model_dir: Path, ds_config: dict, dtype: torch.dtype) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from maskpro_ds.weights_loader import load_weights
+    from maskpro_ds.train.weights_loader import load_weights
 
     keep_alive = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=dtype)
@@ -44,10 +44,10 @@ def measure_fill(model_dir: Path, ds_config: dict, dtype: torch.dtype) -> int:
 
 
 def main() -> None:
-    from maskpro_ds import distributed
     from maskpro_ds.config import load_config
-    from maskpro_ds.model import build_ds_config, load_partitioned_model
-    from maskpro_ds.zero_utils import gathered
+    from maskpro_ds.train import distributed
+    from maskpro_ds.train.zero_model import build_ds_config, load_partitioned_model
+    from maskpro_ds.train.zero_utils import gathered
 
     model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     dtype = sys.argv[3] if len(sys.argv) > 3 else "fp32"
@@ -74,6 +74,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from maskpro_ds import distributed
+    from maskpro_ds.train import distributed
 
     distributed.exit_process(0)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from maskpro_ds.artifacts import write_mask_artifact
+from maskpro_ds.formats.mask_artifact import write_mask_artifact
 from maskpro_ds.masks.nm import magnitude_prior
 from tests.distributed.launch import BIN, REPO, TRAIN, base_env, run, torchrun, train_args
 from tests.distributed.test_training import logits_at, samples_tokens

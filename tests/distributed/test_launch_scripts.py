@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from maskpro_ds.checkpoint_format import read_manifest
+from maskpro_ds.formats.checkpoint_format import read_manifest
 from tests.distributed.launch import REPO, base_env, free_port, run
 from tests.tiny import make_text, make_tiny_llama
 
@@ -38,7 +38,7 @@ def test_run_local_two_ranks(tmp_path, launcher):
 def test_hpz_secondary_copy_gives_identical_masks(tmp_path):
     """ZeRO++ hpZ (the 70B recipe's zero.hpz_partition_size) at 4 ranks in groups of 2: the same logits,
     bit for bit, as plain ZeRO-3 (gathers are exact copies, wherever they come from)."""
-    from maskpro_ds.checkpoint_format import load_layer_logits
+    from maskpro_ds.formats.checkpoint_format import load_layer_logits
     from tests.distributed.launch import torchrun, train_args
 
     model = make_tiny_llama(tmp_path / "model")

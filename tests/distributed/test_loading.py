@@ -81,7 +81,7 @@ def test_plain_model_errors_and_prefix(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from maskpro_ds.weights_loader import load_weights
+    from maskpro_ds.train.weights_loader import load_weights
 
     src = make_tiny_llama(tmp_path / "src")
     tensors = load_file(str(src / "model.safetensors"))

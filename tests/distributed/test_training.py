@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskpro_ds.checkpoint_format import load_layer_logits, read_manifest
+from maskpro_ds.formats.checkpoint_format import load_layer_logits, read_manifest
 from tests.distributed.launch import BIN, REPO, TRAIN, base_env, free_port, run, torchrun, train_args
 from tests.reference import ReferenceMaskPro
 from tests.tiny import byte_tokenizer, make_text, make_tiny_llama
@@ -46,7 +46,7 @@ def logits_at(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def samples_tokens(setup) -> torch.Tensor:
-    from maskpro_ds.data import build_samples
+    from maskpro_ds.data.samples import build_samples
 
     return build_samples(byte_tokenizer(), str(setup["text"]), seqlen=32, num_samples=16, cache_dir=None).tokens
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from maskpro_ds.demo_assets import DemoAssets, prepare_demo
+from maskpro_ds.demo.assets import DemoAssets, prepare_demo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

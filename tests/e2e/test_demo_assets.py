@@ -13,15 +13,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from maskpro_ds.demo_assets import (
+from maskpro_ds.demo.assets import (
     MANIFEST_NAME,
     TEXT_SPEC,
     DemoAssetError,
     ensure_wiki_text,
     prepare_demo,
-    sha256_file,
     split_articles,
 )
+from maskpro_ds.formats.hashing import sha256_file
 
 
 def _manifest(cache):

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from maskpro_ds.eval.perplexity import perplexity
 from maskpro_ds.masks.nm import magnitude_prior, topn_mask, validate_nm
-from maskpro_ds.priors import PriorSpec, compute_prior
+from maskpro_ds.priors.base import PriorSpec
 from maskpro_ds.priors.calibration import calibration_tokens
+from maskpro_ds.priors.make import compute_prior
 from maskpro_ds.priors.sparsegpt import sparsegpt_prune
 from maskpro_ds.priors.wanda import wanda_scores
 

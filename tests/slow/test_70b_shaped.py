@@ -16,7 +16,7 @@ from tests.distributed.launch import REPO
 @pytest.mark.slow
 def test_70b_shaped_run(tmp_path):
     results = tmp_path / "seventy_b_shaped.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "seventy_b_shaped.py"), "--work", str(tmp_path / "w"),
+    proc = subprocess.run([sys.executable, "-m", "bench.seventy_b_shaped", "--work", str(tmp_path / "w"),
                            "--results", str(results)], cwd=REPO, capture_output=True, text=True, timeout=3600)
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stderr[-5000:]

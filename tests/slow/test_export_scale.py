@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from maskpro_ds.export.base_model import BaseModel
-from maskpro_ds.export.st_io import Reader
 from maskpro_ds.export.synthetic import synthetic_logits, write_random_base, write_synthetic_checkpoint
+from maskpro_ds.formats.safetensors_io import Reader
 from maskpro_ds.masks.nm import topn_mask, unpack_bits
 
 HIDDEN, INTERMEDIATE, KV, LAYERS = 8192, 28672, 1024, 2
@@ -67,7 +67,7 @@ def test_70b_class_export_memory(tmp_path):
         tensors.append((f"{p}.input_layernorm.weight", (HIDDEN,), torch.bfloat16))
     base = write_random_base(tmp_path / "base", tensors, {"model_type": "llama", "hidden_size": HIDDEN},
                              max_shard_bytes=2 * 10**9)
-    from maskpro_ds.artifacts import model_fingerprint
+    from maskpro_ds.formats.hashing import model_fingerprint
 
     step = write_synthetic_checkpoint(tmp_path / "run", shapes, 2, 4, 2,
                                       {"path": str(base), "fingerprint": model_fingerprint(base)})
@@ -88,7 +88,7 @@ def test_70b_class_export_memory(tmp_path):
     out_f, in_f = shapes[name]
     out = BaseModel(tmp_path / "out" / "hf-dense")
     src = BaseModel(base)
-    from maskpro_ds.export.st_io import read_header
+    from maskpro_ds.formats.safetensors_io import read_header
 
     packed, _ = read_header(tmp_path / "out" / "mask" / "masks.safetensors")
     reader = Reader()

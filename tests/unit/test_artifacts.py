@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from maskpro_ds.artifacts import MASK_FILE, model_fingerprint, read_mask_artifact, write_mask_artifact
-from maskpro_ds.atomic import atomic_directory
-from maskpro_ds.checkpoint_format import (
+from maskpro_ds.formats.atomic import atomic_directory
+from maskpro_ds.formats.checkpoint_format import (
     LayerEntry,
     load_layer_logits,
     read_manifest,
@@ -19,6 +18,8 @@ from maskpro_ds.checkpoint_format import (
     write_manifest,
     write_shard,
 )
+from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.mask_artifact import MASK_FILE, read_mask_artifact, write_mask_artifact
 from maskpro_ds.masks.nm import magnitude_prior
 from tests.tiny import make_tiny_llama
 
@@ -142,7 +143,7 @@ def test_fingerprint_cache_is_reused_until_a_weight_file_changes(tmp_path):
 
 
 def test_pointer_files_resolve(tmp_path):
-    from maskpro_ds.checkpoint_format import resolve_checkpoint
+    from maskpro_ds.formats.checkpoint_format import resolve_checkpoint
 
     step_dir, _ = _checkpoint(tmp_path, 1)
     for pointer in ("latest", "best"):

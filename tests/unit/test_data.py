@@ -16,8 +16,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from maskpro_ds.baseline_cache import BaselineCache, baseline_fingerprint
-from maskpro_ds.data import BatchSchedule, batch_ids, build_samples, load_texts
+from maskpro_ds.data.samples import build_samples
+from maskpro_ds.data.schedule import BatchSchedule, batch_ids
+from maskpro_ds.data.texts import load_texts
+from maskpro_ds.train.baseline_cache import BaselineCache, baseline_fingerprint
 
 DOCS = [
     "The first article talks about sparsity.\nIt has two lines.",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from maskpro_ds.demo import export_is_current
+from maskpro_ds.demo.run import export_is_current
 
 
 def _checkpoints(run, steps, pointer_to):

@@ -15,11 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from maskpro_ds.artifacts import model_fingerprint, write_mask_artifact
-from maskpro_ds.eval.cli import ppl_main, zeroshot_main
-from maskpro_ds.eval.masked_model import apply_mask_artifact, load_causal_lm
+from maskpro_ds.cli.eval import ppl_main, zeroshot_main
+from maskpro_ds.data.texts import join_texts, load_texts
+from maskpro_ds.eval.masked_model import apply_mask_artifact
 from maskpro_ds.eval.perplexity import perplexity
-from maskpro_ds.eval.texts import join_texts, load_texts
 from maskpro_ds.eval.zeroshot import (
     MCExample,
     choice_logprobs,
@@ -28,6 +27,9 @@ from maskpro_ds.eval.zeroshot import (
     load_bigbench_task,
     split_context,
 )
+from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.mask_artifact import write_mask_artifact
+from maskpro_ds.models.dense import load_causal_lm
 from tests.unit.char_tokenizer import char_tokenizer
 
 VOCAB = 128
@@ -85,14 +87,14 @@ def test_load_texts_from_txt_json_and_parquet(tiny, tmp_path):
     _, text_path, docs = tiny
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
     pd.DataFrame({"text": docs}).to_parquet(tmp_path / "d.parquet")
-    assert load_texts(text_path) == [text_path.read_text()]
-    assert load_texts(tmp_path / "d.jsonl") == docs
-    assert load_texts(tmp_path / "d.parquet") == docs
-    assert join_texts(load_texts(tmp_path / "d.jsonl")) == text_path.read_text()
+    assert load_texts(text_path, split_txt=False) == [text_path.read_text()]
+    assert load_texts(tmp_path / "d.jsonl", split_txt=False) == docs
+    assert load_texts(tmp_path / "d.parquet", split_txt=False) == docs
+    assert join_texts(load_texts(tmp_path / "d.jsonl", split_txt=False)) == text_path.read_text()
     with pytest.raises(ValueError, match="--text-field"):
-        load_texts(tmp_path / "d.jsonl", text_field="body")
+        load_texts(tmp_path / "d.jsonl", text_field="body", split_txt=False)
     with pytest.raises(FileNotFoundError):
-        load_texts(tmp_path / "missing.jsonl")
+        load_texts(tmp_path / "missing.jsonl", split_txt=False)
 
 
 def _random_masks(model, seed=0):

@@ -18,11 +18,12 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from maskpro_ds.artifacts import model_fingerprint, read_mask_artifact
+from maskpro_ds.cli.export import inspect_main
 from maskpro_ds.export import apply_mask, export_checkpoint, verify_export
-from maskpro_ds.export.cli import inspect_main
-from maskpro_ds.export.ct_sparse24 import decompress
+from maskpro_ds.export.sinks.ct_sparse24 import decompress
 from maskpro_ds.export.synthetic import synthetic_logits, write_synthetic_checkpoint
+from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.mask_artifact import read_mask_artifact
 from maskpro_ds.masks.nm import topn_mask
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -258,7 +259,7 @@ def test_verify_passes_and_catches_tampering(setup, tmp_path, capsys):
 
 
 def test_cli_export_verify_and_checkpoint_summary(setup, capsys):
-    from maskpro_ds.export.cli import main
+    from maskpro_ds.cli.export import main
 
     out = setup["root"] / "cli-out"
     argv = [str(setup["ckpt"][2]), "--out", str(out), "--format", "mask,hf-dense", "--verify", "--no-progress",

@@ -14,9 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from maskpro_ds.artifacts import MASK_FILE, MASK_MANIFEST, read_mask_artifact, write_mask_artifact
-from maskpro_ds.export.mask_format import MaskSink
-from maskpro_ds.export.st_io import (
+from maskpro_ds.formats.mask_artifact import (
+    MASK_FILE,
+    MASK_MANIFEST,
+    MaskArtifactWriter,
+    read_mask_artifact,
+    write_mask_artifact,
+)
+from maskpro_ds.formats.safetensors_io import (
     PlannedTensor,
     Reader,
     ShardedWriter,
@@ -91,12 +96,12 @@ def test_streamed_mask_equals_write_mask_artifact(tmp_path):
     masks = {k: topn_mask(torch.randn(s, generator=gen), 2, 4) for k, s in shapes.items()}
     meta = {"run_id": "r1", "step": 7}
     write_mask_artifact(tmp_path / "ref", masks, 2, 4, "f" * 64, meta)
-    sink = MaskSink(tmp_path / "mine", shapes, 2, 4, "f" * 64, meta)
+    writer = MaskArtifactWriter(tmp_path / "mine", shapes, 2, 4, "f" * 64, meta)
     for name, mask in masks.items():  # two row blocks per layer, second one first
         half = mask.shape[0] // 2
-        sink.masked_rows(name, half, None, mask[half:], None)
-        sink.masked_rows(name, 0, None, mask[:half], None)
-    sink.finish()
+        writer.write_rows(name, half, mask[half:])
+        writer.write_rows(name, 0, mask[:half])
+    writer.finish()
     assert (tmp_path / "mine" / MASK_MANIFEST).read_bytes() == (tmp_path / "ref" / MASK_MANIFEST).read_bytes()
     n_ref, h_ref, d_ref = split_file(tmp_path / "ref" / MASK_FILE)
     n_mine, h_mine, d_mine = split_file(tmp_path / "mine" / MASK_FILE)

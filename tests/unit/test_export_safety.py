@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from maskpro_ds.artifacts import model_fingerprint
+from maskpro_ds.cli.export import inspect_main, main
 from maskpro_ds.export import apply_mask, export_checkpoint
-from maskpro_ds.export.cli import inspect_main, main
 from maskpro_ds.export.synthetic import write_synthetic_checkpoint
+from maskpro_ds.formats.hashing import model_fingerprint
 from tests.unit.test_export import OPTS, layer_shapes, make_base
 
 
@@ -176,15 +176,15 @@ def test_failure_midway_removes_everything(world, tmp_path):
 
 KILL_SCRIPT = """
 import os, signal, sys
-from maskpro_ds.export import consolidate, export_checkpoint
+from maskpro_ds.export import export_checkpoint, sources
 calls = [0]
-rows = consolidate.CheckpointMasks.rows
+rows = sources.CheckpointMasks.rows
 def rows_then_die(self, *args):
     calls[0] += 1
     if calls[0] == 20:  # well into the pass: several layers already written
         os.kill(os.getpid(), signal.SIGKILL)
     return rows(self, *args)
-consolidate.CheckpointMasks.rows = rows_then_die
+sources.CheckpointMasks.rows = rows_then_die
 export_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], "hf-dense,mask,ct-sparse24", max_shard_size="20KB",
                   chunk_elements=1000, progress=False)
 """

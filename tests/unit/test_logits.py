@@ -8,8 +8,6 @@ whole-layer reference path of tests/reference.py: sample_masks + apply_update_ +
 import pytest
 import torch
 
-from maskpro_ds import logits as logits_mod
-from maskpro_ds.logits import LogitStore, select_kernels
 from maskpro_ds.masks import nm, policy, sampling
 from maskpro_ds.masks.policy import (
     apply_update_,
@@ -28,6 +26,9 @@ from maskpro_ds.masks.sampling import (
     sample_codes,
     sample_masks,
 )
+from maskpro_ds.train import logit_store as logits_mod
+from maskpro_ds.train.logit_store import LogitStore, select_kernels
+from maskpro_ds.train.mask_modes import FINAL, PRIOR, SampleMode
 
 SHAPES = [(6, 40), (10, 24), (3, 4)]  # 60, 60 and 3 groups of 4: odd sizes, a 3-group layer
 
@@ -71,9 +72,8 @@ def test_store_update_matches_whole_layer_reference_bit_for_bit(cache):
     want = _reference(stores, len(advantages), advantages, lr=2.0)
     for t, adv in enumerate(advantages):
         for store in stores:
-            store.mode = ("sample", t)
             for layer in range(len(SHAPES)):
-                send, sizes = store.forward_send(layer)
+                send, sizes = store.forward_send(layer, SampleMode(t))
                 g0, _ = store.local_range(layer)
                 # the send buffer is the packed sample of every rank on this slice
                 for r in range(2):
@@ -97,9 +97,8 @@ def test_cached_and_redrawn_masks_give_the_same_counts():
         counts = []
         for t in range(3):
             for store in stores:
-                store.mode = ("sample", t)
                 for layer in range(len(SHAPES)):
-                    store.forward_send(layer)
+                    store.forward_send(layer, SampleMode(t))
                 counts.append([store.apply_update(layer, t, [0.4, -0.7], 3.0) for layer in range(len(SHAPES))])
         assert not stores[0]._sample_cache  # the update consumed what the forward kept
         runs.append((counts, [s.logits for s in stores]))
@@ -186,7 +185,7 @@ def test_kernel_modes_and_errors():
 
 
 def test_masked_weight_from_packed_bits_equals_where():
-    from maskpro_ds.model import masked_weight
+    from maskpro_ds.train.zero_model import masked_weight
 
     gen = torch.Generator().manual_seed(6)
     for shape in ((6, 40), (12, 8), (5, 4)):
@@ -203,12 +202,10 @@ def test_masked_weight_from_packed_bits_equals_where():
 def test_prior_and_final_send_buffers():
     for store in _stores(True, "plain"):
         for layer in range(len(SHAPES)):
-            store.mode = ("prior",)
-            send, sizes = store.forward_send(layer)
+            send, sizes = store.forward_send(layer, PRIOR)
             assert torch.equal(send, nm.pack_bits(store.prior_slice(layer).reshape(-1)).repeat(2))
             assert sizes == [send.numel() // 2] * 2
-            store.mode = ("final",)
-            send, _ = store.forward_send(layer)
+            send, _ = store.forward_send(layer, FINAL)
             final = final_mask(store.logits[layer], 2, 4)
             assert torch.equal(send, nm.pack_bits(final.reshape(-1)).repeat(2))
         assert not store._sample_cache

@@ -12,8 +12,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from maskpro_ds.metrics import MetricsLogger, ProgressBar
-from maskpro_ds.plots import plot_run, ppl_bars, read_metrics, series
+from maskpro_ds.demo.plots import plot_run, ppl_bars, read_metrics, series
+from maskpro_ds.train.metrics import MetricsLogger, ProgressBar
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]

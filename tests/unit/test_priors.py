@@ -16,15 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from maskpro_ds.artifacts import read_mask_artifact
+from maskpro_ds.cli.prior import main as prior_main
+from maskpro_ds.formats.mask_artifact import read_mask_artifact
 from maskpro_ds.masks.nm import magnitude_prior, validate_nm
-from maskpro_ds.priors import PriorSpec, compute_prior
+from maskpro_ds.models.lazy import open_causal_lm
+from maskpro_ds.models.targets import select_targets as select_target_modules
+from maskpro_ds.priors.base import PriorSpec
 from maskpro_ds.priors.calibration import calibration_tokens
-from maskpro_ds.priors.cli import main as prior_main
 from maskpro_ds.priors.from_checkpoint import masks_from_checkpoint, strict_from_kept
-from maskpro_ds.priors.model_io import open_causal_lm
+from maskpro_ds.priors.make import compute_prior
 from maskpro_ds.priors.sparsegpt import sparsegpt_prune
-from maskpro_ds.priors.targets import select_targets
 from maskpro_ds.priors.wanda import wanda_masks
 from tests.unit.char_tokenizer import char_tokenizer
 
@@ -272,6 +273,10 @@ def test_calibration_windows_are_evenly_spaced_and_checked():
         assert torch.equal(windows[i], ids[i * stride : i * stride + 100])
     with pytest.raises(ValueError, match="--nsamples"):
         calibration_tokens(tok, text, 11, 100)
+
+
+def select_targets(model, m, **kw) -> list[str]:
+    return [t.name for t in select_target_modules(model, m, **kw)]
 
 
 def test_target_selection(tmp_path, caplog):

@@ -26,7 +26,7 @@ def _bits_reference(key: int, counter: int) -> int:
 
 
 def _set_probability(p: list[float], subset: tuple[int, ...]) -> float:
-    """P(S) as the sum over the N! orderings of the sequential draw (method.md §2)."""
+    """P(S) as the sum over the N! orderings of the sequential draw (docs/method.md §2)."""
     total = 0.0
     for order in itertools.permutations(subset):
         prob, used = 1.0, 0.0

@@ -1,4 +1,4 @@
-"""The target selection rule: the pure matcher, and training and the priors picking the same layers."""
+"""The target selection rule: the pure matcher, and the one ``select_targets`` that training and the priors call."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from maskpro_ds.config import Config
-from maskpro_ds.model import select_targets as training_targets
-from maskpro_ds.priors.targets import select_targets as prior_targets
-from maskpro_ds.targets import match_targets
+from maskpro_ds.models.targets import DEFAULT_EXCLUDE, match_targets, select_targets
 
 DEFAULT = r"\.layers\.\d+\."
 LAYERS = [
@@ -56,25 +54,25 @@ def _tiny_llama(intermediate: int):
 
 
 @pytest.mark.parametrize(("pattern", "include", "expected"), [("2:4", [], 14), ("4:8", [], 12), ("2:4", ["mlp"], 6)])
-def test_training_and_priors_select_the_same_layers(pattern, include, expected, caplog):
+def test_config_defaults_and_prior_cli_defaults_select_the_same_layers(pattern, include, expected, caplog):
     model = _tiny_llama(intermediate=68)  # down_proj in=68: divisible by 4, not by 8
     cfg = Config()
     cfg.mask.pattern = pattern
     cfg.model.include = include
     with caplog.at_level(logging.WARNING):
-        trained = [t.name for t in training_targets(model, cfg)]
+        trained = select_targets(model, cfg.mask.m, cfg.model.targets, cfg.model.include, cfg.model.exclude)
     assert len(trained) == expected
-    assert trained == prior_targets(model, cfg.mask.m, include=include, exclude=cfg.model.exclude,
-                                    targets=cfg.model.targets)
-    shapes = {t.name: t.shape for t in training_targets(model, cfg)}
-    assert all(shape == tuple(model.get_submodule(name).weight.shape) for name, shape in shapes.items())
+    # the prior tool's defaults (no --exclude given) are the config's defaults
+    assert [t.name for t in trained] == [t.name for t in select_targets(model, cfg.mask.m, include=include)]
+    assert list(DEFAULT_EXCLUDE) == cfg.model.exclude
+    assert all(t.shape == tuple(model.get_submodule(t.name).weight.shape) for t in trained)
+    if pattern == "4:8":
+        assert "down_proj" in caplog.text  # skipped with a warning
 
 
-def test_no_match_errors_keep_their_wording():
-    model = _tiny_llama(intermediate=64)
-    cfg = Config()
-    cfg.model.include = ["nothing_matches"]
-    with pytest.raises(ValueError, match="divisible by"):
-        training_targets(model, cfg)
-    with pytest.raises(ValueError, match="no nn.Linear"):
-        prior_targets(model, 4, include=["nothing_matches"])
+def test_no_match_and_explicit_indivisible_layers_are_errors():
+    model = _tiny_llama(intermediate=68)
+    with pytest.raises(ValueError, match="no nn.Linear.*divisible by"):
+        select_targets(model, 4, include=["nothing_matches"])
+    with pytest.raises(ValueError, match="down_proj.*not divisible by M=8"):
+        select_targets(model, 8, include=["down_proj"])

@@ -1,4 +1,4 @@
-"""The checks the theory gives (method.md §6), each asserting a number that could fail."""
+"""The checks the theory gives (docs/method.md §6), each asserting a number that could fail."""
 
 import itertools
 import math
@@ -168,7 +168,7 @@ def test_final_mask_strict_deterministic_and_prior_before_training():
 @pytest.mark.parametrize("c,paper,groups", [(5.0, 2.0e-2, 200_000), (7.0, 2.7e-3, 400_000), (10.0, 1.4e-4, 2_000_000)])
 def test_flip_rate_closed_form_and_sampling(c, paper, groups):
     rate = expected_flip_rate(c, 2, 4)
-    assert f"{rate:.1e}" == f"{paper:.1e}", rate  # the numbers in method.md, to 2 digits
+    assert f"{rate:.1e}" == f"{paper:.1e}", rate  # the numbers in docs/method.md, to 2 digits
     prior = torch.tensor([True, True, False, False]).repeat(groups)
     logits = policy.init_logits(prior, c, 4)
     flips = int((sample_masks(logits, 2, key_scalar(9, 0, 0, 0)) != prior.view(-1, 4)).any(dim=1).sum())

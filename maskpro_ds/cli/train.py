@@ -1,0 +1,72 @@
+"""``maskpro-train --config CONFIG.yaml [--resume] [--section.key=value ...]``: train MaskPro masks.
+
+Works under every launcher (the process group is set up in maskpro_ds.train.distributed); each
+launcher starts this module (``python -m maskpro_ds.cli.train``) or ``launchers/train.py``:
+    deepspeed --hostfile hosts launchers/train.py --config configs/llama2_7b.yaml
+    deepspeed --num_gpus 8 launchers/train.py --config configs/llama3_8b.yaml
+    torchrun --nproc_per_node 2 -m maskpro_ds.cli.train --config configs/tiny_debug.yaml
+    mpirun -n 2 maskpro-train --config configs/tiny_debug.yaml
+    sbatch launchers/slurm/train.sbatch --config configs/llama_70b_multinode.yaml
+Exit status: 0 done, 2 a user error (named on stderr), 3 a guard stopped the run (checkpoint saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# One intra-op thread per rank unless the user chose otherwise: several ranks share the cores, and
+# the deepspeed launcher (unlike torchrun) does not set it. Must precede the torch import.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from maskpro_ds.config import load_config  # noqa: E402
+from maskpro_ds.train import distributed  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="maskpro-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (see configs/); every key can be overridden as --section.key=value")
+    parser.add_argument("--resume", action="store_true", help="continue from <train.run_dir>/checkpoints/latest")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    rank = os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from maskpro_ds.train.trainer import Trainer, TrainingStopped
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.train()
+    except TrainingStopped as e:
+        logging.getLogger("maskpro_ds").error("%s", e)
+        return 3
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        distributed.destroy()
+    return 0
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The console entry point: ``main``, then end the process without interpreter finalisation."""
+    distributed.exit_process(main(argv))  # not sys.exit: see exit_process (a finished run must not abort at exit)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""Export output formats (sinks); see :mod:`maskpro_ds.export.sinks.registry`."""

@@ -1,0 +1,244 @@
+"""The on-disk checkpoint format: a manifest plus one logit shard per rank (docs/formats.md §5).
+
+```
+<run>/checkpoints/step-000100/manifest.json
+<run>/checkpoints/step-000100/shard-00000-of-00002.safetensors   # rank 0's group slices, fp32 [g, M]
+<run>/checkpoints/latest                                         # text: "step-000100"
+```
+Each shard holds, for every masked layer, the logits of the rank's contiguous group range
+``[g0, g1)`` under the layer's name. The manifest lists layers (name, shape, groups), shards (file,
+rank, byte size, ranges per layer), the trainer state and the resolved config. This module only
+reads and checks that format; the trainer (checkpoint.py) and the exporter build on it, and any
+world size can be read back because ranges are stored, not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+CHECKPOINT_FORMAT = "maskpro_ds.checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def shard_file_name(rank: int, world_size: int) -> str:
+    return f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def split_groups(num_groups: int, world_size: int, align: int = 1) -> list[tuple[int, int]]:
+    """Contiguous, near-equal group ranges for each rank; boundaries are multiples of ``align``.
+
+    ``align`` keeps every boundary on a whole byte of packed bits (align = 8 / gcd(8, M) groups),
+    so a rank's slice of a layer packs to bytes without straddling a neighbour's.
+    """
+    units = -(-num_groups // align)  # ceil
+    ranges = []
+    for r in range(world_size):
+        start = min(num_groups, (units * r // world_size) * align)
+        end = min(num_groups, (units * (r + 1) // world_size) * align)
+        ranges.append((start, end))
+    return ranges
+
+
+@dataclass
+class LayerEntry:
+    name: str
+    shape: tuple[int, int]
+    num_groups: int
+
+
+@dataclass
+class ShardEntry:
+    rank: int
+    file: str
+    bytes: int
+    group_ranges: dict[str, tuple[int, int]]
+
+
+@dataclass
+class Manifest:
+    """A parsed, checked checkpoint manifest."""
+
+    path: Path  # the step directory
+    step: int
+    world_size: int
+    n: int
+    m: int
+    layers: list[LayerEntry]
+    shards: list[ShardEntry]
+    state: dict
+    config: dict
+    base_fingerprint: str | None
+    run_id: str
+
+    def layer(self, name: str) -> LayerEntry:
+        for entry in self.layers:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"{self.path / MANIFEST}: no layer {name!r}")
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Accept a step directory, a pointer file (``latest``, ``best``), or a checkpoints/ or run directory."""
+    path = Path(path)
+    if path.is_file():
+        target = path.parent / path.read_text().strip()
+        if not (target / MANIFEST).is_file():
+            raise FileNotFoundError(f"{path} points to {target}, which has no {MANIFEST}")
+        return target
+    if (path / MANIFEST).is_file():
+        return path
+    for pointer in (path / LATEST, path / "checkpoints" / LATEST):
+        if pointer.is_file():
+            target = pointer.parent / pointer.read_text().strip()
+            if not (target / MANIFEST).is_file():
+                raise FileNotFoundError(f"{pointer} points to {target}, which has no {MANIFEST}")
+            return target
+    raise FileNotFoundError(f"{path}: no checkpoint here (expected {MANIFEST}, or a {LATEST} pointer)")
+
+
+def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest:
+    """Parse and check a manifest; with ``check_files`` every shard must exist with its recorded size
+    and its safetensors header must list exactly the manifest's layers with the recorded shapes."""
+    step_dir = resolve_checkpoint(path)
+    manifest_path = step_dir / MANIFEST
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest_path}: not valid JSON ({e}); use an earlier checkpoint") from e
+    if raw.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{manifest_path}: format {raw.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+    from maskpro_ds.masks.nm import parse_pattern
+
+    n, m = parse_pattern(raw["pattern"])
+    layers = [LayerEntry(e["name"], (int(e["shape"][0]), int(e["shape"][1])), int(e["num_groups"])) for e in raw["layers"]]
+    shards = [
+        ShardEntry(int(s["rank"]), s["file"], int(s["bytes"]), {k: (int(v[0]), int(v[1])) for k, v in s["group_ranges"].items()})
+        for s in raw["shards"]
+    ]
+    manifest = Manifest(
+        path=step_dir, step=int(raw["step"]), world_size=int(raw["world_size"]), n=n, m=m, layers=layers,
+        shards=sorted(shards, key=lambda s: s.rank), state=raw.get("state", {}), config=raw.get("config", {}),
+        base_fingerprint=raw.get("base_model", {}).get("fingerprint"), run_id=raw.get("run_id", ""),
+    )
+    _check_tiling(manifest, manifest_path)
+    if check_files:
+        for shard in manifest.shards:
+            _check_shard_file(manifest, shard)
+    return manifest
+
+
+def _check_tiling(manifest: Manifest, manifest_path: Path) -> None:
+    if len(manifest.shards) != manifest.world_size:
+        raise ValueError(f"{manifest_path}: lists {len(manifest.shards)} shards for world size {manifest.world_size}")
+    for layer in manifest.layers:
+        ranges = sorted(s.group_ranges[layer.name] for s in manifest.shards)
+        cursor = 0
+        for g0, g1 in ranges:
+            if g0 != cursor or g1 < g0:
+                raise ValueError(f"{manifest_path}: group ranges of {layer.name} do not tile [0, {layer.num_groups})")
+            cursor = g1
+        if cursor != layer.num_groups:
+            raise ValueError(f"{manifest_path}: group ranges of {layer.name} cover {cursor} of {layer.num_groups} groups")
+
+
+def _check_shard_file(manifest: Manifest, shard: ShardEntry) -> None:
+    file = manifest.path / shard.file
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: shard of rank {shard.rank} is missing; the checkpoint is incomplete, use an earlier one")
+    size = file.stat().st_size
+    if size != shard.bytes:
+        raise ValueError(f"{file}: {size} bytes, manifest records {shard.bytes}; the shard is truncated or corrupt")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            for layer in manifest.layers:
+                if layer.name not in keys:
+                    raise ValueError(f"{file}: no tensor for layer {layer.name}; the shard does not match the manifest")
+                g0, g1 = shard.group_ranges[layer.name]
+                shape = tuple(f.get_slice(layer.name).get_shape())
+                if shape != (g1 - g0, manifest.m):
+                    raise ValueError(f"{file}: {layer.name} has shape {shape}, manifest says ({g1 - g0}, {manifest.m})")
+    except SafetensorError as e:
+        raise ValueError(f"{file}: unreadable safetensors ({e}); the shard is corrupt, use an earlier checkpoint") from e
+
+
+def load_layer_logits(manifest: Manifest, name: str, groups: tuple[int, int] | None = None) -> torch.Tensor:
+    """Logits ``[g1 - g0, M]`` (fp32) of one layer over a group range, read from whichever shards hold it.
+
+    Reads only the overlapping slices (safetensors ``get_slice``), so consolidating a layer, or
+    re-cutting it for another world size, never loads more than that range.
+    """
+    layer = manifest.layer(name)
+    g0, g1 = groups if groups is not None else (0, layer.num_groups)
+    out = torch.empty((g1 - g0, manifest.m), dtype=torch.float32)
+    for shard in manifest.shards:
+        s0, s1 = shard.group_ranges[name]
+        lo, hi = max(s0, g0), min(s1, g1)
+        if lo >= hi:
+            continue
+        with safe_open(str(manifest.path / shard.file), framework="pt") as f:
+            out[lo - g0 : hi - g0] = f.get_slice(name)[lo - s0 : hi - s0].to(torch.float32)
+    return out
+
+
+def load_group_range(manifest: Manifest, key: str, groups: tuple[int, int]) -> torch.Tensor:
+    """An extra per-logit tensor ``"<layer>/<name>"`` over groups ``[g0, g1)`` (stored with the layer's
+    ranges, any trailing shape and dtype), read from whichever shards hold it."""
+    g0, g1 = groups
+    pieces = []
+    for shard in sorted(manifest.shards, key=lambda sh: sh.group_ranges[key][0]):
+        s0, s1 = shard.group_ranges[key]
+        lo, hi = max(s0, g0), min(s1, g1)
+        if lo < hi:
+            with safe_open(str(manifest.path / shard.file), framework="pt") as f:
+                pieces.append(f.get_slice(key)[lo - s0 : hi - s0])
+    if not pieces:
+        raise ValueError(f"{manifest.path / MANIFEST}: no shard holds groups {g0}..{g1} of {key}")
+    return torch.cat(pieces)
+
+
+def write_shard(step_dir: Path, rank: int, world_size: int, slices: dict[str, torch.Tensor],
+                group_ranges: dict[str, tuple[int, int]], step: int) -> ShardEntry:
+    """Write one rank's logit slices (``name -> [g1 - g0, M]``) into ``step_dir``; returns its entry."""
+    from safetensors.torch import save_file
+
+    file = shard_file_name(rank, world_size)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in slices.items()}
+    save_file(tensors, str(step_dir / file), metadata={"format": CHECKPOINT_FORMAT, "rank": str(rank),
+                                                     "world_size": str(world_size), "step": str(step)})
+    with open(step_dir / file, "rb") as f:
+        os.fsync(f.fileno())
+    return ShardEntry(rank=rank, file=file, bytes=(step_dir / file).stat().st_size, group_ranges=dict(group_ranges))
+
+
+def write_manifest(step_dir: Path, *, step: int, n: int, m: int, layers: list[LayerEntry], shards: list[ShardEntry],
+                   state: dict, config: dict, base_model: dict, run_id: str) -> None:
+    """Write ``manifest.json`` last: a step directory without it is never treated as a checkpoint."""
+    raw = {
+        "format": CHECKPOINT_FORMAT,
+        "version": FORMAT_VERSION,
+        "step": step,
+        "world_size": len(shards),
+        "pattern": f"{n}:{m}",
+        "run_id": run_id,
+        "base_model": base_model,
+        "layers": [{"name": e.name, "shape": list(e.shape), "num_groups": e.num_groups} for e in layers],
+        "shards": [{"rank": s.rank, "file": s.file, "bytes": s.bytes,
+                    "group_ranges": {k: list(v) for k, v in s.group_ranges.items()}}
+                   for s in sorted(shards, key=lambda s: s.rank)],
+        "state": state,
+        "config": config,
+    }
+    (step_dir / MANIFEST).write_text(json.dumps(raw, indent=1) + "\n")

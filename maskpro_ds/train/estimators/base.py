@@ -1,0 +1,112 @@
+"""The estimator protocol: how one step's losses become the advantages of the logit update.
+
+The trainer runs ``draws_per_rank`` sampled forwards per rank (one mask draw each), all-gathers every
+draw's loss and its baseline f(m0, ξ) into a :class:`StepLosses` (identical on every rank), and asks
+the estimator for one advantage per draw; the logit store then applies
+π ← π − lr/K Σ_k a_k ∇log P(m_k) over the K draws. After the update the trainer calls ``commit``
+so the estimator can refresh its running state (a tracker, a scale). A step with a non-finite loss
+is skipped before the estimator is asked, so state only moves on steps that update.
+
+Two kinds of state are saved in checkpoints: ``state_dict()`` (small, identical on every rank,
+JSON-able: trackers, running scales) goes into the manifest; ``slice_state()`` (per-logit tensors of
+this rank's slices, e.g. a per-group baseline) goes into the rank's shard beside the logits and is
+re-cut by group range on resume, like the logits. See docs/architecture.md ("How to add an estimator").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from maskpro_ds.config import TrainConfig
+from maskpro_ds.masks.advantages import AdvantageScaler, ResidualTracker
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    """Every draw's mean loss and baseline loss this step, over all ranks (draw index k = rank · D + d)."""
+
+    losses: list[float]
+    baselines: list[float]
+
+    @property
+    def residuals(self) -> list[float]:
+        """r_k = f(m_k, ξ_k) − f(m0, ξ_k)."""
+        return [f - b for f, b in zip(self.losses, self.baselines, strict=True)]
+
+
+class Estimator(Protocol):
+    draws_per_rank: int
+    """Sampled forwards (mask draws) each rank runs per step."""
+
+    def bind(self, layers: dict[str, tuple[int, int]]) -> None:
+        """Called once with this rank's group range per masked layer (to size per-logit state)."""
+
+    def advantages(self, step: StepLosses) -> list[float]:
+        """One advantage per draw, identical on every rank; may update running statistics of the scale."""
+
+    def commit(self, step: StepLosses) -> None:
+        """After the update: refresh running state (e.g. the residual tracker)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Values logged every step (e.g. ``train/delta``)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def slice_state(self) -> dict[str, torch.Tensor]:
+        """Per-logit tensors ``[g, ...]`` of this rank's slices, keyed ``"<layer>/<name>"``; {} if none."""
+
+    def load_slice_state(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+class PolicyGradientEstimator:
+    """Shared by today's estimators: one draw per rank, a signal per draw, optional tracker, the scaler.
+
+    Subclasses choose the signal (the residual or the loss) and whether the smoothed baseline δ of
+    the residual tracker is subtracted. ``train.advantage_norm`` then conditions the advantages
+    (none: the paper's plain update; rms or clip: docs/method.md §5).
+    """
+
+    draws_per_rank = 1
+    uses_tracker = False
+
+    def __init__(self, train: TrainConfig):
+        self.tracker = ResidualTracker(alpha=train.alpha, order=train.tracker_order)
+        # advantage_clip is in loss units and only bounds the "clip" mode; "rms" is unclipped.
+        clip = train.advantage_clip if train.advantage_norm == "clip" else None
+        self.scaler = AdvantageScaler(mode=train.advantage_norm, clip=clip)
+
+    def signal(self, step: StepLosses) -> list[float]:
+        return step.residuals
+
+    def bind(self, layers: dict[str, tuple[int, int]]) -> None:
+        pass
+
+    def advantages(self, step: StepLosses) -> list[float]:
+        signal = self.signal(step)
+        raw = self.tracker.advantages(signal) if self.uses_tracker else list(signal)
+        return self.scaler.scale(raw)
+
+    def commit(self, step: StepLosses) -> None:
+        if self.uses_tracker:
+            self.tracker.update(self.signal(step))
+
+    def metrics(self) -> dict[str, float]:
+        return {"train/delta": self.tracker.delta}
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def slice_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_slice_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass

@@ -1,0 +1,362 @@
+"""The MaskPro trainer: builds the run in ``__init__``, then ``step``/``train``/``close``.
+
+One step on rank r of R (design in docs/architecture.md), read top to bottom in :meth:`Trainer.step`:
+  ids   = schedule.ids(step, r)                  # sample ids; f(m0) looked up by id
+  loss  = forward.losses(tokens, SampleMode(t))  # each masked Linear gets rank r's sampled mask
+  every = all_gather(loss, f0)                   # R pairs, identical on every rank
+  adv   = estimator.advantages(every)            # the registry in train/estimators/
+  guard.check_advantages(adv)                    # may halve lr (train/lr_guard.py)
+  store.apply_update(adv, lr)                    # owners regenerate the R masks on their slices
+  estimator.commit(every); guard.check_deviation(...)
+Non-finite losses skip the step everywhere (logits and estimator state untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from maskpro_ds.config import Config
+from maskpro_ds.data.samples import build_samples
+from maskpro_ds.data.schedule import BatchSchedule
+from maskpro_ds.formats.atomic import atomic_write_text
+from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.mask_artifact import read_mask_artifact
+from maskpro_ds.masks.nm import magnitude_prior
+from maskpro_ds.masks.policy import mask_entropy
+from maskpro_ds.models.hf_dir import check_model_dir
+from maskpro_ds.models.targets import select_targets
+from maskpro_ds.train import baseline_cache, checkpoint, distributed
+from maskpro_ds.train.estimators import StepLosses, make_estimator
+from maskpro_ds.train.forward import MaskedForward
+from maskpro_ds.train.logit_store import LogitStore
+from maskpro_ds.train.lr_guard import GuardStop, LrGuard
+from maskpro_ds.train.mask_modes import PRIOR, SampleMode
+from maskpro_ds.train.metrics import MetricsLogger, ProgressBar
+from maskpro_ds.train.periodic_eval import heldout_windows, masked_perplexity
+from maskpro_ds.train.zero_model import build_ds_config, install_masked_forward, load_partitioned_model
+from maskpro_ds.train.zero_utils import full_numel, gathered, is_released, local_numel, zero_partition
+
+logger = logging.getLogger(__name__)
+
+
+def _fault_injection(step: int, rank: int) -> None:
+    """Testing hook: MASKPRO_FAULT_STEP=k and MASKPRO_FAULT_RANK=r kill rank r (no cleanup) once step k
+    is done, the way an OOM kill or a node loss would. Unset in normal runs."""
+    fault_step = os.environ.get("MASKPRO_FAULT_STEP")
+    if fault_step is not None and step == int(fault_step) and rank == int(os.environ.get("MASKPRO_FAULT_RANK", "0")):
+        logger.error("MASKPRO_FAULT_STEP=%s: rank %d exits abruptly", fault_step, rank)
+        os._exit(137)
+
+
+def _fault_nan(step: int, rank: int) -> bool:
+    """Testing hook: MASKPRO_FAULT_NAN_STEPS=3,4 makes rank MASKPRO_FAULT_RANK see a NaN loss at those steps."""
+    steps = os.environ.get("MASKPRO_FAULT_NAN_STEPS")
+    return bool(steps) and rank == int(os.environ.get("MASKPRO_FAULT_RANK", "0")) and str(step) in steps.split(",")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when a guard stops the run; a checkpoint has been written first."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.info = distributed.init_distributed(cfg.zero.backend, cfg.zero.timeout_s)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        model_dir = check_model_dir(cfg.model.path, "model.path")
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())
+        self.base_fingerprint = distributed.broadcast_object(
+            model_fingerprint(model_dir, self.run_dir / "base_fingerprint.json") if self.info.is_main else None)
+
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.samples = self._build_samples(cfg.data.source, cfg.data.seqlen, cfg.data.num_samples)
+        self.schedule = BatchSchedule(cfg.train.seed, self.info.world_size, cfg.data.batch_size, len(self.samples.ids))
+
+        self.ds_config = build_ds_config(cfg, self.info.world_size)
+        self.engine, self.model = load_partitioned_model(cfg, self.ds_config)
+        self.targets = select_targets(self.model, cfg.mask.m, cfg.model.targets, cfg.model.include, cfg.model.exclude)
+        self.store = LogitStore([t.name for t in self.targets], [t.shape for t in self.targets], cfg.mask.n, cfg.mask.m,
+                                self.info.rank, self.info.world_size, cfg.train.seed, device=self.info.device,
+                                cache_samples=cfg.mask.cache_samples, kernels=cfg.mask.kernels)
+        self.prior_identity = self._init_prior()
+        install_masked_forward(self.targets, self.store.mask_for_forward)
+        self.forward = MaskedForward(self.engine, self.store)
+
+        self.estimator = make_estimator(cfg.train)
+        if self.estimator.draws_per_rank != 1:
+            raise ValueError(f"train.estimator={cfg.train.estimator} draws {self.estimator.draws_per_rank} masks per rank "
+                             "and step; the logit store draws one (slot = rank)")
+        self.estimator.bind(self.store.group_ranges())
+        self.guard = LrGuard(cfg.train.lr, cfg.train.max_abs_advantage, cfg.train.max_deviation)
+        self.step_index = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.best_eval = math.inf
+        self.run_id = distributed.broadcast_object(uuid.uuid4().hex[:12] if self.info.is_main else None)
+        if resume or cfg.checkpoint.resume:
+            self._resume()
+        self.baseline = self._baseline() if cfg.train.baseline == "precompute" else None
+        self.eval_windows = None
+        if cfg.train.eval_every:
+            self.eval_windows = heldout_windows(self.tokenizer, cfg.train.eval_source, cfg.train.eval_seqlen,
+                                                cfg.train.eval_tokens)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.metrics.tensorboard,
+                                     jsonl=cfg.metrics.jsonl)
+        self.metrics.truncate_after(self.step_index)
+        self.weight_digest_at_start = self._weight_digest()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _build_samples(self, source: str, seqlen: int, num_samples: int):
+        d = self.cfg.data
+        kwargs = dict(seqlen=seqlen, num_samples=num_samples, cache_dir=d.cache_dir, split=d.split,
+                      text_field=d.text_field, max_documents=d.max_documents or None)
+        if not source:
+            raise ValueError("data.source is empty; point it at a text/json/parquet file or a dataset name")
+        # Rank 0 tokenises and fills the cache; the others read it.
+        if self.info.is_main:
+            samples = build_samples(self.tokenizer, source, **kwargs)
+        distributed.barrier()
+        if not self.info.is_main:
+            samples = build_samples(self.tokenizer, source, **kwargs)
+        return samples
+
+    def _init_prior(self) -> str:
+        """π0 = C·m0 on every slice, m0 from the prior artifact or the magnitude of the weights."""
+        cfg, store = self.cfg, self.store
+        if cfg.mask.prior:
+            artifact = read_mask_artifact(cfg.mask.prior)
+            if (artifact.n, artifact.m) != (cfg.mask.n, cfg.mask.m):
+                raise ValueError(f"mask.prior {cfg.mask.prior} is {artifact.pattern}, but mask.pattern is {cfg.mask.pattern}")
+            artifact.check_base(self.base_fingerprint)
+        for index, target in enumerate(self.targets):
+            g0, g1 = store.local_range(index)
+            if cfg.mask.prior:
+                if target.name not in artifact.shapes:
+                    raise ValueError(f"mask.prior {cfg.mask.prior} has no mask for layer {target.name}; it was made "
+                                     "for another model or another target set")
+                if artifact.shapes[target.name] != target.shape:
+                    raise ValueError(f"mask.prior {cfg.mask.prior}: layer {target.name} has shape "
+                                     f"{list(artifact.shapes[target.name])}, the model has {list(target.shape)}; "
+                                     "the prior was made for another model")
+                mine = artifact.layer_mask(target.name).reshape(-1, cfg.mask.m)[g0:g1]
+            else:
+                with gathered([target.module.weight]):  # one layer; only this rank's groups are ranked
+                    mine = magnitude_prior(target.module.weight.detach().reshape(-1, cfg.mask.m)[g0:g1].cpu(),
+                                           cfg.mask.n, cfg.mask.m)
+            store.init_from_prior(index, mine, cfg.mask.init_scale)
+        return f"artifact:{artifact.path.resolve()}:{artifact.base_fingerprint}" if cfg.mask.prior else "magnitude"
+
+    def _tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.samples.tokens[ids].to(self.info.device)
+
+    def _baseline(self) -> baseline_cache.BaselineCache:
+        """f(m0, ξ) for every sample id: loaded from the run dir if it matches, else one pass over the data."""
+        m = self.cfg.model
+        fp = baseline_cache.baseline_fingerprint(self.samples.source_fingerprint, self.prior_identity,
+                                                 self.base_fingerprint, m.dtype, str(m.targets), str(m.include),
+                                                 str(m.exclude))
+        return baseline_cache.load_or_compute(self.run_dir / "baseline.safetensors", fp, self.samples.tokens,
+                                              self.forward, self.info, self.cfg.data.batch_size,
+                                              self.cfg.metrics.progress)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> dict[str, float]:
+        cfg, store, world = self.cfg, self.store, self.info.world_size
+        t0 = time.time()
+        ids = self.schedule.ids(self.step_index, self.info.rank)
+        tokens = self._tokens(ids)
+        loss = self.forward.losses(tokens, SampleMode(self.step_index)).double().mean()
+        if _fault_nan(self.step_index, self.info.rank):
+            loss = torch.tensor(float("nan"), dtype=torch.float64)
+        if self.baseline is not None:
+            f0 = self.baseline.get(ids).mean()
+        else:
+            f0 = self.forward.losses(tokens, PRIOR).double().mean().cpu()
+        every = distributed.all_gather_floats(torch.stack([loss.cpu(), f0]).to(self.info.device)).cpu()
+        losses = StepLosses(losses=every[:, 0].tolist(), baselines=every[:, 1].tolist())
+        values = {"train/loss": float(every[:, 0].mean()), "train/baseline_loss": float(every[:, 1].mean())}
+        if not bool(torch.isfinite(every[:, 0]).all()):
+            return self._skip_step(values, t0)
+        self.bad_steps = 0
+
+        advantages = self.estimator.advantages(losses)
+        self._guarded(self.guard.check_advantages, advantages)
+        counts = torch.zeros(2, dtype=torch.float64)
+        for layer in range(len(store.names)):
+            c = store.apply_update(layer, self.step_index, advantages, self.guard.lr)
+            counts += torch.tensor([c["deviating"], c["changed"]], dtype=torch.float64)
+        counts = distributed.all_gather_floats(counts.to(self.info.device)).sum(0).cpu()
+        total_groups = store.num_groups_total
+        deviating = float(counts[0]) / (total_groups * world)
+        self.estimator.commit(losses)
+        self.step_index += 1
+        self._guarded(self.guard.check_deviation, deviating)
+
+        res = torch.tensor(losses.residuals, dtype=torch.float64)
+        elapsed = time.time() - t0
+        values.update({
+            "train/residual_mean": float(res.mean()),
+            "train/residual_std": float(res.std()) if world > 1 else 0.0,
+            **self.estimator.metrics(),
+            "train/advantage_mean": sum(advantages) / world,
+            "train/advantage_abs_max": max(abs(a) for a in advantages),
+            "train/deviating_groups_frac": deviating,
+            "train/changed_groups_frac": float(counts[1]) / total_groups,
+            "train/lr": self.guard.lr,
+            "train/step_time_s": elapsed,
+            "train/tokens_per_s": world * tokens.numel() / max(elapsed, 1e-9),
+            "train/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "train/skipped_steps": self.skipped_steps,
+        })
+        if torch.cuda.is_available():
+            values["train/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        every_k = cfg.metrics.mask_stats_every
+        if every_k and self.step_index % every_k == 0 and store.n == 2:
+            values["train/mask_entropy"] = self._mask_entropy()
+        return values
+
+    def _guarded(self, check, value) -> None:
+        """Run one lr-guard check; if it gives up, save a checkpoint and stop the run."""
+        try:
+            check(value, self.step_index)
+        except GuardStop as e:
+            self.save()
+            raise TrainingStopped(f"{e}; checkpoint saved at step {self.step_index}") from e
+
+    def _mask_entropy(self) -> float:
+        """Mean entropy (nats) of the per-group distributions over kept sets, across all ranks' slices."""
+        local = sum(mask_entropy(t, self.store.n) * t.shape[0] for t in self.store.logits if t.shape[0])
+        totals = distributed.all_gather_floats(torch.tensor([local, self.store.num_local_groups()],
+                                                            dtype=torch.float64, device=self.info.device))
+        totals = totals.sum(0).cpu()
+        return float(totals[0] / totals[1])
+
+    def _skip_step(self, values: dict, t0: float) -> dict[str, float]:
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        self.step_index += 1
+        logger.warning("step %d: non-finite loss on some rank; step skipped on all ranks (%d in a row)",
+                       self.step_index - 1, self.bad_steps)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            self.save()
+            raise TrainingStopped(
+                f"{self.bad_steps} consecutive steps had a non-finite loss (limit train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); checkpoint saved at step {self.step_index}. Check model.dtype "
+                "(fp16 overflows easily) and the data; resume with --resume after fixing it"
+            )
+        values.update({"train/skipped_steps": self.skipped_steps, "train/step_time_s": time.time() - t0})
+        return values
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.cfg
+        progress = ProgressBar(cfg.train.steps, self.step_index, enabled=self.info.is_main and cfg.metrics.progress,
+                               desc="maskpro")
+        try:
+            while self.step_index < cfg.train.steps:
+                values = self.step()
+                _fault_injection(self.step_index, self.info.rank)
+                if cfg.train.eval_every and self.step_index % cfg.train.eval_every == 0:
+                    values.update(self.evaluate())
+                if self.step_index % cfg.metrics.log_every == 0:
+                    self.metrics.log(self.step_index, values)
+                progress.update(self.step_index, {"loss": values.get("train/loss"), "res": values.get("train/residual_mean"),
+                                                  "dev": values.get("train/deviating_groups_frac")})
+                if self.step_index % cfg.checkpoint.every == 0 or self.step_index == cfg.train.steps:
+                    self.save()
+        finally:
+            progress.close()
+        if self.step_index == cfg.train.steps and not (self.ckpt_root / checkpoint.step_dir_name(self.step_index)).exists():
+            self.save()
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out perplexity of the current final (top-N) mask; marks the best checkpoint."""
+        ppl = masked_perplexity(self.forward, self.eval_windows, self.info)
+        values = {"eval/ppl": ppl}
+        if ppl < self.best_eval:
+            self.best_eval = ppl
+            self.save()
+            if self.info.is_main:
+                checkpoint.mark_best(self.ckpt_root, self.step_index)
+        values["eval/best_ppl"] = self.best_eval
+        return values
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"step": self.step_index, **self.guard.state_dict(), "bad_steps": self.bad_steps,
+                "skipped_steps": self.skipped_steps, "best_eval": float(self.best_eval).hex(),
+                "estimator": self.estimator.state_dict(), "seed": self.cfg.train.seed,
+                "world_size": self.info.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_index = int(state["step"])
+        self.guard.load_state_dict(state)  # lr possibly halved by a guard
+        self.bad_steps = int(state["bad_steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.best_eval = float.fromhex(state["best_eval"])
+        # Checkpoints written before the estimator registry kept its state at the top level.
+        self.estimator.load_state_dict(state.get("estimator", state))
+
+    def save(self) -> Path:
+        return checkpoint.save_checkpoint(
+            self.ckpt_root, self.store, step=self.step_index, state=self.state_dict(), config=self.cfg.to_dict(),
+            base_model={"path": str(self.cfg.model.path), "fingerprint": self.base_fingerprint},
+            run_id=self.run_id, keep_last=self.cfg.checkpoint.keep_last, extra=self.estimator.slice_state())
+
+    def _resume(self) -> None:
+        manifest = checkpoint.find_resumable(self.ckpt_root)
+        if manifest is None:
+            raise FileNotFoundError(f"--resume: no usable checkpoint under {self.ckpt_root}")
+        checkpoint.check_compatible(manifest, self.store, self.base_fingerprint)
+        checkpoint.load_logits_into(manifest, self.store)
+        self.estimator.load_slice_state(checkpoint.load_extra_slices(manifest, self.store))
+        self.load_state_dict(manifest.state)
+        self.run_id = manifest.run_id
+        if self.info.is_main:
+            logger.info("resumed from %s (step %d, written by %d ranks)", manifest.path, manifest.step, manifest.world_size)
+
+    def _weight_digest(self) -> list[float]:
+        """float64 sum and sum of squares of this rank's ZeRO-3 partitions (no gather): a cheap witness
+        that the frozen base never changes, and, summed over ranks, that the partitions are the model."""
+        total, squares = 0.0, 0.0
+        for param in self.model.parameters():
+            part = zero_partition(param).double()
+            total += float(part.sum())
+            squares += float((part * part).sum())
+        return [total, squares]
+
+    def rank_report(self) -> dict:
+        """Per-rank facts for tests and the memory bench, written to <run_dir>/ranks/rank-XXXXX.json."""
+        params = list(self.model.parameters())
+        return {
+            "rank": self.info.rank, "world_size": self.info.world_size, "step": self.step_index,
+            "param_local_numel": sum(local_numel(p) for p in params),
+            "param_full_numel": sum(full_numel(p) for p in params),
+            "params_released": sum(is_released(p) for p in params), "params_total": len(params),
+            "logit_local_bytes": self.store.local_bytes(), "logit_local_groups": self.store.num_local_groups(),
+            "weight_digest_start": self.weight_digest_at_start, "weight_digest_end": self._weight_digest(),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+
+    def close(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
+        if hasattr(self, "weight_digest_at_start"):
+            out = self.run_dir / "ranks" / f"rank-{self.info.rank:05d}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, json.dumps(self.rank_report(), indent=1) + "\n")
