@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/export.json")
     args = parser.parse_args()
 
-    from maskpro_ds.export.synthetic import write_random_base, write_synthetic_checkpoint
     from maskpro_ds.formats.hashing import model_fingerprint
+    from tests.synthetic import write_random_base, write_synthetic_checkpoint
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)

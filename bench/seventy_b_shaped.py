@@ -89,7 +89,7 @@ def write_base(path: Path, layers: int) -> Path:
     import torch
     from transformers import LlamaConfig
 
-    from maskpro_ds.export.synthetic import write_random_base
+    from tests.synthetic import write_random_base
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                          num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from maskpro_ds.export.base_model import BaseModel
-from maskpro_ds.export.synthetic import synthetic_logits, write_random_base, write_synthetic_checkpoint
 from maskpro_ds.formats.safetensors_io import Reader
 from maskpro_ds.masks.nm import topn_mask, unpack_bits
+from tests.synthetic import synthetic_logits, write_random_base, write_synthetic_checkpoint
 
 HIDDEN, INTERMEDIATE, KV, LAYERS = 8192, 28672, 1024, 2
 

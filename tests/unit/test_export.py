@@ -21,10 +21,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from maskpro_ds.cli.export import inspect_main
 from maskpro_ds.export import apply_mask, export_checkpoint, verify_export
 from maskpro_ds.export.sinks.ct_sparse24 import decompress
-from maskpro_ds.export.synthetic import synthetic_logits, write_synthetic_checkpoint
 from maskpro_ds.formats.hashing import model_fingerprint
 from maskpro_ds.formats.mask_artifact import read_mask_artifact
 from maskpro_ds.masks.nm import topn_mask
+from tests.synthetic import synthetic_logits, write_synthetic_checkpoint
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from maskpro_ds.cli.export import inspect_main, main
 from maskpro_ds.export import apply_mask, export_checkpoint
-from maskpro_ds.export.synthetic import write_synthetic_checkpoint
 from maskpro_ds.formats.hashing import model_fingerprint
+from tests.synthetic import write_synthetic_checkpoint
 from tests.unit.test_export import OPTS, layer_shapes, make_base
 
 
