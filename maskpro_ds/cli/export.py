@@ -4,10 +4,11 @@
 maskpro-export CHECKPOINT --base MODEL_DIR --out DIR [--format hf-dense,mask,ct-sparse24,logits]
     [--max-shard-size 5GB] [--force] [--logits-dtype fp16|fp32] [--no-fingerprint-check] [--verify]
 maskpro-export apply --mask MASK_DIR --base MODEL_DIR --out DIR [--format hf-dense,...]
-maskpro-inspect EXPORT_DIR_OR_CHECKPOINT [--base MODEL_DIR] [--json]
+maskpro-inspect EXPORT_DIR_OR_CHECKPOINT_OR_MASK_DIR [--base MODEL_DIR] [--json]
 ```
 Every format goes to ``DIR/<format>/``. User errors print one line naming the file or option and
-exit 2; a failed verification exits 1.
+exit 2; a failed verification (including a shard whose content no longer matches the sha256 its
+manifest records) exits 1.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from maskpro_ds.export.pipeline import apply_mask, default_base, export_checkpoi
 from maskpro_ds.export.sinks.logits import LOGITS_DTYPES
 from maskpro_ds.export.sinks.registry import FORMATS
 from maskpro_ds.export.verify import verify_export
-from maskpro_ds.formats.checkpoint_format import read_manifest
+from maskpro_ds.formats.checkpoint_format import read_manifest, verify_checksums
+from maskpro_ds.formats.mask_artifact import MASK_MANIFEST, read_mask_artifact
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
@@ -85,32 +87,65 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _checksum_result(check) -> tuple[str, str | None]:
+    """("ok" | "not recorded" | "FAILED", the failure) of a checksum check."""
+    try:
+        return ("ok" if check() else "not recorded"), None
+    except ValueError as e:
+        return "FAILED", str(e)
+
+
 def _inspect_checkpoint(path: Path, as_json: bool) -> int:
     manifest = read_manifest(path)  # checks every shard's size and header
+    checksums, failure = _checksum_result(lambda: verify_checksums(manifest))
     summary = {"checkpoint": str(manifest.path), "step": manifest.step, "world_size": manifest.world_size,
                "pattern": f"{manifest.n}:{manifest.m}", "run_id": manifest.run_id,
-               "base_fingerprint": manifest.base_fingerprint, "shards_ok": True,
+               "base_fingerprint": manifest.base_fingerprint, "shards_ok": failure is None,
+               "checksums": checksums, "failures": [failure] if failure else [],
                "layers": {layer.name: list(layer.shape) for layer in manifest.layers}}
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"{manifest.path}: step {manifest.step}, {manifest.world_size} shard(s) present with recorded sizes, "
-              f"pattern {manifest.n}:{manifest.m}, {len(manifest.layers)} masked layers, run {manifest.run_id!r}")
-    return 0
+              f"sha256 {checksums}, pattern {manifest.n}:{manifest.m}, {len(manifest.layers)} masked layers, "
+              f"run {manifest.run_id!r}")
+        if failure:
+            print(f"FAILED: {failure}")
+    return 1 if failure else 0
+
+
+def _inspect_mask(path: Path, as_json: bool) -> int:
+    artifact = read_mask_artifact(path)
+    checksums, failure = _checksum_result(artifact.verify)
+    summary = {"mask": str(path), "pattern": artifact.pattern, "base_fingerprint": artifact.base_fingerprint,
+               "checksums": checksums, "failures": [failure] if failure else [],
+               "layers": {name: list(shape) for name, shape in artifact.shapes.items()}}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{path}: mask artifact, pattern {artifact.pattern}, {len(artifact.shapes)} masked layers, "
+              f"sha256 {checksums}")
+        if failure:
+            print(f"FAILED: {failure}")
+    return 1 if failure else 0
 
 
 def inspect_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="maskpro-inspect",
         description="Verify an export (strict N:M, mask vs weights, ct-sparse24 round trip, unmasked tensors "
-                    "identical to the base, sparsity per layer), or summarise a training checkpoint.")
-    parser.add_argument("path", help="export --out directory (or one format directory in it), or a checkpoint")
+                    "identical to the base, sparsity per layer), or check and summarise a training checkpoint or "
+                    "a mask artifact (sizes, headers, sha256 of every shard).")
+    parser.add_argument("path", help="export --out directory (or one format directory in it), a checkpoint, "
+                                     "or a mask artifact directory")
     parser.add_argument("--base", help="base model directory (default: the path recorded in export.json)")
     parser.add_argument("--no-fingerprint-check", action="store_true", help="do not hash the base")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     path = Path(args.path)
     try:
+        if (path / MASK_MANIFEST).is_file() and not (path.parent / EXPORT_MANIFEST).is_file():
+            return _inspect_mask(path, args.json)
         if not (path / EXPORT_MANIFEST).is_file() and not (path.parent / EXPORT_MANIFEST).is_file():
             return _inspect_checkpoint(path, args.json)
         report = verify_export(path, args.base, fingerprint_check=not args.no_fingerprint_check)

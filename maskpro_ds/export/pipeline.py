@@ -166,7 +166,10 @@ def apply_mask(mask_dir: str | os.PathLike, base_dir: str | os.PathLike, out: st
 def default_base(checkpoint: str | os.PathLike) -> str:
     """The base path recorded in a checkpoint manifest, for when --base is not given."""
     step_dir = resolve_checkpoint(checkpoint)
-    recorded = json.loads((step_dir / MANIFEST).read_text()).get("base_model", {}).get("path")
+    try:
+        recorded = json.loads((step_dir / MANIFEST).read_bytes()).get("base_model", {}).get("path")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{step_dir / MANIFEST}: not a checkpoint manifest ({e}); use an earlier checkpoint") from e
     if not recorded:
         raise ValueError(f"{step_dir / MANIFEST} records no base model path; pass --base MODEL_DIR")
     return recorded

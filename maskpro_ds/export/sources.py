@@ -4,7 +4,8 @@ From a checkpoint, a layer's mask is ``topn_mask`` over its consolidated logits 
 ``[out, in]`` (lower column wins ties). The logits of rows ``[r0, r1)`` are the groups
 ``[r0 * in/M, r1 * in/M)``, read from whichever rank shards hold them, so the world size the run
 used does not matter and no layer is ever loaded whole. From a mask artifact the packed bits of the
-same rows are read and unpacked.
+same rows are read and unpacked. Either source checks the content hashes its manifest records before
+anything is exported (one read of every shard, several at a time).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from maskpro_ds.formats.checkpoint_format import MANIFEST, load_layer_logits, read_manifest
+from maskpro_ds.formats.checkpoint_format import MANIFEST, load_layer_logits, read_manifest, verify_checksums
 from maskpro_ds.formats.mask_artifact import MASK_FILE, read_mask_artifact
 from maskpro_ds.formats.safetensors_io import Reader, read_header
 from maskpro_ds.masks.nm import topn_mask, unpack_bits
@@ -28,6 +29,7 @@ class CheckpointMasks:
 
     def __init__(self, checkpoint: str | os.PathLike):
         self.manifest = read_manifest(checkpoint)  # checks every shard's size and header
+        verify_checksums(self.manifest)  # and its content
         self.path = self.manifest.path
         self.n, self.m = self.manifest.n, self.manifest.m
         self.shapes: dict[str, tuple[int, int]] = {}
@@ -64,6 +66,7 @@ class ArtifactMasks:
 
     def __init__(self, path: str | os.PathLike):
         self.artifact = read_mask_artifact(path)
+        self.artifact.verify()
         self.path = Path(path)
         self.n, self.m = self.artifact.n, self.artifact.m
         self.shapes = dict(self.artifact.shapes)

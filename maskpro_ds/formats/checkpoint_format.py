@@ -7,25 +7,31 @@
 ```
 Each shard holds, for every masked layer, the logits of the rank's contiguous group range
 ``[g0, g1)`` under the layer's name. The manifest lists layers (name, shape, groups), shards (file,
-rank, byte size, ranges per layer), the trainer state and the resolved config. This module only
-reads and checks that format; the trainer (checkpoint.py) and the exporter build on it, and any
-world size can be read back because ranges are stored, not recomputed.
+rank, byte size, sha256 of the content, ranges per layer), the trainer state and the resolved
+config. This module only reads and checks that format; the trainer (checkpoint.py) and the exporter
+build on it, and any world size can be read back because ranges are stored, not recomputed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from maskpro_ds.formats.hashing import sha256_file, sha256_files
+
 CHECKPOINT_FORMAT = "maskpro_ds.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every shard entry carries the sha256 of its file
 MANIFEST = "manifest.json"
 LATEST = "latest"
+# What a pointer file (latest, best) holds: one line naming a sibling step directory.
+_POINTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_POINTER_MAX_BYTES = 256
 
 
 def step_dir_name(step: int) -> str:
@@ -64,6 +70,7 @@ class ShardEntry:
     file: str
     bytes: int
     group_ranges: dict[str, tuple[int, int]]
+    sha256: str | None = None  # None only in version-1 checkpoints
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Manifest:
     config: dict
     base_fingerprint: str | None
     run_id: str
+    version: int = FORMAT_VERSION
 
     def layer(self, name: str) -> LayerEntry:
         for entry in self.layers:
@@ -89,22 +97,43 @@ class Manifest:
         raise KeyError(f"{self.path / MANIFEST}: no layer {name!r}")
 
 
+def read_pointer(pointer: Path) -> Path:
+    """The step directory a pointer file (``latest``, ``best``) names; any other file is refused.
+
+    A pointer is one short line naming a sibling directory. Anything else (a config.json, a shard,
+    a text file) is not read as a path: the error says what was expected instead.
+    """
+    def not_a_pointer(why: str) -> ValueError:
+        return ValueError(f"{pointer} is a file but not a checkpoint pointer ({why}); pass a step directory "
+                          f"(step-NNNNNN), a checkpoints/ or run directory, or a `{LATEST}`/`best` file "
+                          "holding one line that names a step directory")
+
+    if pointer.stat().st_size > _POINTER_MAX_BYTES:
+        raise not_a_pointer(f"{pointer.stat().st_size} bytes; a pointer is one short line")
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise not_a_pointer("not UTF-8 text") from None
+    if not _POINTER.fullmatch(name):
+        raise not_a_pointer("its content is not the name of a step directory")
+    target = pointer.parent / name
+    if not (target / MANIFEST).is_file():
+        raise FileNotFoundError(f"{pointer} points to {target}, which has no {MANIFEST}")
+    return target
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Accept a step directory, a pointer file (``latest``, ``best``), or a checkpoints/ or run directory."""
     path = Path(path)
     if path.is_file():
-        target = path.parent / path.read_text().strip()
-        if not (target / MANIFEST).is_file():
-            raise FileNotFoundError(f"{path} points to {target}, which has no {MANIFEST}")
-        return target
+        return read_pointer(path)
     if (path / MANIFEST).is_file():
         return path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
     for pointer in (path / LATEST, path / "checkpoints" / LATEST):
         if pointer.is_file():
-            target = pointer.parent / pointer.read_text().strip()
-            if not (target / MANIFEST).is_file():
-                raise FileNotFoundError(f"{pointer} points to {target}, which has no {MANIFEST}")
-            return target
+            return read_pointer(pointer)
     raise FileNotFoundError(f"{path}: no checkpoint here (expected {MANIFEST}, or a {LATEST} pointer)")
 
 
@@ -114,8 +143,8 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
     step_dir = resolve_checkpoint(path)
     manifest_path = step_dir / MANIFEST
     try:
-        raw = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(manifest_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{manifest_path}: not valid JSON ({e}); use an earlier checkpoint") from e
     if raw.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{manifest_path}: format {raw.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
@@ -124,19 +153,39 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
     n, m = parse_pattern(raw["pattern"])
     layers = [LayerEntry(e["name"], (int(e["shape"][0]), int(e["shape"][1])), int(e["num_groups"])) for e in raw["layers"]]
     shards = [
-        ShardEntry(int(s["rank"]), s["file"], int(s["bytes"]), {k: (int(v[0]), int(v[1])) for k, v in s["group_ranges"].items()})
+        ShardEntry(int(s["rank"]), s["file"], int(s["bytes"]), {k: (int(v[0]), int(v[1])) for k, v in s["group_ranges"].items()},
+                   s.get("sha256"))
         for s in raw["shards"]
     ]
     manifest = Manifest(
         path=step_dir, step=int(raw["step"]), world_size=int(raw["world_size"]), n=n, m=m, layers=layers,
         shards=sorted(shards, key=lambda s: s.rank), state=raw.get("state", {}), config=raw.get("config", {}),
         base_fingerprint=raw.get("base_model", {}).get("fingerprint"), run_id=raw.get("run_id", ""),
+        version=int(raw.get("version", 1)),
     )
     _check_tiling(manifest, manifest_path)
+    if manifest.version >= 2 and any(not s.sha256 for s in manifest.shards):
+        raise ValueError(f"{manifest_path}: a shard entry has no sha256 (format version {manifest.version} "
+                         "records one for every shard); the manifest is damaged, use an earlier checkpoint")
     if check_files:
         for shard in manifest.shards:
             _check_shard_file(manifest, shard)
     return manifest
+
+
+def verify_checksums(manifest: Manifest, ranks: list[int] | None = None, workers: int | None = None) -> bool:
+    """Hash the shards of ``ranks`` (all when None) and compare with the manifest; raise naming the
+    first shard whose content changed. Returns False when the checkpoint predates checksums."""
+    shards = [s for s in manifest.shards if ranks is None or s.rank in ranks]
+    if manifest.version < 2:
+        return False
+    digests = sha256_files([manifest.path / s.file for s in shards], workers)
+    for shard, digest in zip(shards, digests, strict=True):
+        if digest != shard.sha256:
+            raise ValueError(f"{manifest.path / shard.file}: content changed since it was written (sha256 "
+                             f"{digest[:16]}…, {MANIFEST} records {shard.sha256[:16]}…); the shard is corrupt, "
+                             "use an earlier checkpoint")
+    return True
 
 
 def _check_tiling(manifest: Manifest, manifest_path: Path) -> None:
@@ -211,7 +260,11 @@ def load_group_range(manifest: Manifest, key: str, groups: tuple[int, int]) -> t
 
 def write_shard(step_dir: Path, rank: int, world_size: int, slices: dict[str, torch.Tensor],
                 group_ranges: dict[str, tuple[int, int]], step: int) -> ShardEntry:
-    """Write one rank's logit slices (``name -> [g1 - g0, M]``) into ``step_dir``; returns its entry."""
+    """Write one rank's logit slices (``name -> [g1 - g0, M]``) into ``step_dir``; returns its entry.
+
+    The sha256 is taken by reading the file back once (from the page cache, right after the write):
+    it costs one pass over the shard, and never a second copy of it in memory.
+    """
     from safetensors.torch import save_file
 
     file = shard_file_name(rank, world_size)
@@ -220,7 +273,8 @@ def write_shard(step_dir: Path, rank: int, world_size: int, slices: dict[str, to
                                                      "world_size": str(world_size), "step": str(step)})
     with open(step_dir / file, "rb") as f:
         os.fsync(f.fileno())
-    return ShardEntry(rank=rank, file=file, bytes=(step_dir / file).stat().st_size, group_ranges=dict(group_ranges))
+    return ShardEntry(rank=rank, file=file, bytes=(step_dir / file).stat().st_size, group_ranges=dict(group_ranges),
+                      sha256=sha256_file(step_dir / file))
 
 
 def write_manifest(step_dir: Path, *, step: int, n: int, m: int, layers: list[LayerEntry], shards: list[ShardEntry],
@@ -235,7 +289,7 @@ def write_manifest(step_dir: Path, *, step: int, n: int, m: int, layers: list[La
         "run_id": run_id,
         "base_model": base_model,
         "layers": [{"name": e.name, "shape": list(e.shape), "num_groups": e.num_groups} for e in layers],
-        "shards": [{"rank": s.rank, "file": s.file, "bytes": s.bytes,
+        "shards": [{"rank": s.rank, "file": s.file, "bytes": s.bytes, "sha256": s.sha256,
                     "group_ranges": {k: list(v) for k, v in s.group_ranges.items()}}
                    for s in sorted(shards, key=lambda s: s.rank)],
         "state": state,

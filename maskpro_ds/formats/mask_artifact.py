@@ -2,8 +2,10 @@
 
 A mask artifact is a directory holding ``masks.safetensors`` (per masked layer a uint8
 ``[out, ceil(in/8)]`` tensor, 1 = kept, packed little-endian along the input dim) and
-``mask_manifest.json`` (pattern, layer shapes, base fingerprint, provenance). Priors, the trainer's
-prior input, ``export --format mask`` and ``apply`` all read and write it through this module.
+``mask_manifest.json`` (pattern, layer shapes, base fingerprint, provenance, and the sha256 of
+``masks.safetensors`` under ``checksums``). Priors, the trainer's prior input, ``export --format
+mask`` and ``apply`` all read and write it through this module; :meth:`MaskArtifact.verify` compares
+the content with its checksum.
 
 :class:`MaskArtifactWriter` is the one writer: rows are packed and written as they come, so a 70B
 mask (8.8 GB packed) never sits in memory, and the safetensors metadata keys are written sorted (the
@@ -21,13 +23,15 @@ import torch
 from safetensors import safe_open
 
 from maskpro_ds.formats.atomic import atomic_directory
+from maskpro_ds.formats.hashing import sha256_file
 from maskpro_ds.formats.safetensors_io import PlannedTensor, ShardedWriter, tensor_bytes
 from maskpro_ds.masks.nm import pack_bits, parse_pattern, unpack_bits, validate_nm
 
 MASK_FILE = "masks.safetensors"
 MASK_MANIFEST = "mask_manifest.json"
 MASK_FORMAT = "maskpro_ds.mask"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums {file: sha256}
+_RESERVED = ("format", "version", "pattern", "layers", "base_fingerprint", "checksums")
 
 
 @dataclass
@@ -40,6 +44,7 @@ class MaskArtifact:
     shapes: dict[str, tuple[int, int]]
     base_fingerprint: str | None
     meta: dict = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)  # empty for artifacts written before version 2
 
     @property
     def pattern(self) -> str:
@@ -58,6 +63,16 @@ class MaskArtifact:
                 f"manifest says [{out_f}, {in_f}]; the artifact is corrupt, re-create it"
             )
         return unpack_bits(packed, in_f)
+
+    def verify(self) -> bool:
+        """Hash every file the manifest lists and compare; raise naming the file whose content changed.
+        Returns False when the artifact predates checksums (nothing to compare with)."""
+        for name, want in self.checksums.items():
+            got = sha256_file(self.path / name)
+            if got != want:
+                raise ValueError(f"{self.path / name}: content changed since it was written (sha256 {got[:16]}…, "
+                                 f"{MASK_MANIFEST} records {want[:16]}…); the mask artifact is corrupt, re-create it")
+        return bool(self.checksums)
 
     def check_base(self, fingerprint: str) -> None:
         """Refuse a base model other than the one the mask was made for."""
@@ -103,15 +118,20 @@ def read_mask_artifact(path: str | os.PathLike) -> MaskArtifact:
     if not (path / MASK_FILE).is_file():
         raise FileNotFoundError(f"{path / MASK_FILE}: missing; the mask artifact is incomplete, re-create it")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{manifest_path}: not valid JSON ({e}); re-create the artifact") from e
     if manifest.get("format") != MASK_FORMAT:
         raise ValueError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {MASK_FORMAT!r}")
     n, m = parse_pattern(manifest["pattern"])
     shapes = {name: (int(s[0]), int(s[1])) for name, s in manifest["layers"].items()}
-    meta = {k: v for k, v in manifest.items() if k not in ("format", "version", "pattern", "layers", "base_fingerprint")}
-    return MaskArtifact(path=path, n=n, m=m, shapes=shapes, base_fingerprint=manifest.get("base_fingerprint"), meta=meta)
+    meta = {k: v for k, v in manifest.items() if k not in _RESERVED}
+    checksums = manifest.get("checksums") or {}
+    if int(manifest.get("version", 1)) >= 2 and MASK_FILE not in checksums:
+        raise ValueError(f"{manifest_path}: no checksum for {MASK_FILE} (format version {manifest.get('version')} "
+                         "records one); the manifest is damaged, re-create the artifact")
+    return MaskArtifact(path=path, n=n, m=m, shapes=shapes, base_fingerprint=manifest.get("base_fingerprint"),
+                        meta=meta, checksums=dict(checksums))
 
 
 def mask_manifest(shapes: dict[str, tuple[int, int]], n: int, m: int, base_fingerprint: str | None,
@@ -124,7 +144,7 @@ def mask_manifest(shapes: dict[str, tuple[int, int]], n: int, m: int, base_finge
         "layers": {name: list(shape) for name, shape in shapes.items()},
         "base_fingerprint": base_fingerprint,
         "kept_fraction": n / m,
-        **(meta or {}),
+        **{k: v for k, v in (meta or {}).items() if k not in _RESERVED},
     }
 
 
@@ -149,6 +169,9 @@ class MaskArtifactWriter:
 
     def finish(self) -> dict:
         self.writer.close()
+        # One read of the finished file (rows arrive at planned offsets, in any order, so the hash
+        # cannot be taken while streaming); the manifest still comes last.
+        self.manifest["checksums"] = {MASK_FILE: sha256_file(self.directory / MASK_FILE)}
         (self.directory / MASK_MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
         return {"bytes": self.writer.total_size}
 

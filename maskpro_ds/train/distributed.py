@@ -178,6 +178,17 @@ def barrier() -> None:
     dist.barrier()
 
 
+def all_gather_objects(obj: object) -> list:
+    """Every rank's small picklable object, created by our own code (never user files), rank order."""
+    import torch.distributed
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Broadcast a small picklable object created by our own code (never user files)."""
     import torch.distributed

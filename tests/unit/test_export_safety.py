@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from maskpro_ds.cli.export import inspect_main, main
 from maskpro_ds.export import apply_mask, export_checkpoint
-from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.hashing import model_fingerprint, sha256_file
 from tests.synthetic import write_synthetic_checkpoint
 from tests.unit.test_export import OPTS, layer_shapes, make_base
 
@@ -166,6 +166,7 @@ def test_failure_midway_removes_everything(world, tmp_path):
     save_file(tensors, shard, metadata={"format": "maskpro_ds.checkpoint"})
     manifest = json.loads((step / "manifest.json").read_text())
     manifest["shards"][1]["bytes"] = shard.stat().st_size
+    manifest["shards"][1]["sha256"] = sha256_file(shard)  # written that way: a NaN logit, not a corrupt file
     (step / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.*NaN"):

@@ -28,6 +28,13 @@ class MaskCheck:
     def check_files(self, report) -> None:
         if self.artifact.shapes != self.ctx.shapes or (self.artifact.n, self.artifact.m) != (self.ctx.n, self.ctx.m):
             report.fail("mask: mask_manifest.json layers or pattern differ from export.json")
+        try:
+            if self.artifact.verify():
+                report.checked.append(f"mask: sha256 of {MASK_FILE}")
+            else:
+                report.skipped.append(f"mask: checksum of {MASK_FILE} (written before checksums were recorded)")
+        except ValueError as e:
+            report.fail(str(e))
 
     def rows(self, layer: str, r0: int, r1: int) -> RowView:
         packed = self.ctx.reader.read_rows(self.tensors[layer], r0, r1)
