@@ -117,7 +117,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Output directory: resolved config, checkpoints, metrics.jsonl, TensorBoard events, plots."""
     steps: int = 100
-    """Total optimisation steps."""
+    """Total optimisation steps (> 0). A resumed run continues up to this step."""
     lr: float = 50.0
     """Policy-gradient step size eta (paper: 50; loss residuals are ~1e-3)."""
     alpha: float = 0.99
@@ -131,8 +131,9 @@ class TrainConfig:
     refresh_then_use: the reference script's order."""
     advantage_norm: AdvantageNorm = "none"
     """none: the paper's plain update | rms: divide advantages by their running RMS | clip: clip |a| to advantage_clip."""
-    advantage_clip: float = 0.02
-    """Bound on |advantage| when advantage_norm = clip (loss units)."""
+    advantage_clip: float = 0.0
+    """0 = no clip. With advantage_norm = clip: the bound on |a| in loss units (required, e.g. 0.02).
+    With rms: the bound on |a / rms| (e.g. 3). With none it would do nothing, so it is refused."""
     seed: int = 0
     """Seeds the data order and the counter-based mask sampler; same seed + world size = same masks."""
     baseline: Literal["precompute", "online"] = "precompute"
@@ -143,7 +144,8 @@ class TrainConfig:
     """Guard: if the fraction of groups whose sample differs from the prior mask exceeds this, halve lr
     (0 = off)."""
     max_abs_advantage: float = 0.0
-    """Guard: if |r - delta| on any rank exceeds this, halve lr for the rest of the run (0 = off)."""
+    """Guard: if the advantage before conditioning, |r - delta| in loss units, exceeds this on any rank,
+    halve lr from the next step on, for the rest of the run (0 = off)."""
     eval_every: int = 0
     """Held-out evaluation of the final (top-N) mask every K steps (0 = off); keeps the best checkpoint."""
     eval_source: str = ""
@@ -223,14 +225,22 @@ class Config:
         _positive("metrics.log_every", self.metrics.log_every)
         _positive("zero.timeout_s", self.zero.timeout_s)
         _positive("zero.hpz_partition_size", self.zero.hpz_partition_size)
-        if self.train.steps < 0:
-            raise ValueError(f"train.steps must be >= 0, got {self.train.steps}")
+        if self.train.steps <= 0:
+            raise ValueError(f"train.steps must be > 0 (the step to train up to), got {self.train.steps}; "
+                             "to write the prior mask without training use maskpro-prior")
         if not 0.0 <= self.train.alpha < 1.0:
             raise ValueError(f"train.alpha must be in [0, 1), got {self.train.alpha}")
         if self.train.lr < 0:
             raise ValueError(f"train.lr must be >= 0, got {self.train.lr}")
+        if self.train.advantage_clip < 0:
+            raise ValueError(f"train.advantage_clip must be >= 0 (0 = no clip), got {self.train.advantage_clip}")
         if self.train.advantage_norm == "clip" and self.train.advantage_clip <= 0:
-            raise ValueError("train.advantage_clip must be > 0 when train.advantage_norm = clip")
+            raise ValueError("train.advantage_clip must be > 0 when train.advantage_norm = clip (the bound on |a|, "
+                             "loss units, e.g. 0.02)")
+        if self.train.advantage_norm == "none" and self.train.advantage_clip > 0:
+            raise ValueError(f"train.advantage_clip = {self.train.advantage_clip} has no effect with "
+                             "train.advantage_norm = none; remove it, or choose advantage_norm = clip (bound on |a|, "
+                             "loss units) or rms (bound on |a / rms|)")
         if self.train.eval_every and not self.train.eval_source:
             raise ValueError("train.eval_every > 0 needs train.eval_source (a held-out text file)")
         if self.data.max_documents < 0:

@@ -93,8 +93,13 @@ class AdvantageScaler:
     * ``"rms"``: a / max(rms, eps), rms = sqrt of a bias-corrected running mean of mean(a^2) over
       PAST steps (beta), so the per-event logit change lr |a| / rms stays near lr; the divisor
       does not depend on this step's samples, so the step direction stays unbiased. The first
-      step has no past and uses its own RMS. ``clip`` (optional) then bounds |a / rms|.
-    * ``"clip"``: a clipped to [-clip, clip] (``clip`` required).
+      step has no past and uses its own RMS. ``clip`` (optional) then bounds |a / rms| (in units
+      of the RMS, e.g. 3).
+    * ``"clip"``: a clipped to [-clip, clip] (``clip`` required, loss units).
+
+    :meth:`conditioned` is pure; :meth:`observe` moves the running RMS. A trainer calls the second
+    only once the step's update is applied, so a step that is redone (a stop, a resume) is counted
+    once. :meth:`scale` does both.
     """
 
     MODES = typing.get_args(AdvantageNorm)
@@ -108,6 +113,8 @@ class AdvantageScaler:
             raise ValueError(f"AdvantageScaler: mode 'clip' needs clip > 0, got {clip}")
         if clip is not None and clip <= 0:
             raise ValueError(f"AdvantageScaler: clip must be > 0 when given, got {clip}")
+        if mode == "none" and clip is not None:
+            raise ValueError("AdvantageScaler: mode 'none' leaves advantages unchanged; a clip would have no effect")
         self.mode, self.beta, self.eps = mode, float(beta), float(eps)
         self.clip = None if clip is None else float(clip)
         self.mean_square = 0.0
@@ -119,20 +126,31 @@ class AdvantageScaler:
             return 0.0
         return math.sqrt(self.mean_square / (1.0 - self.beta**self.steps))
 
-    def scale(self, advantages) -> list[float]:
-        """Conditioned advantages for this step; updates the running RMS afterwards."""
-        adv = _finite_list(advantages, "AdvantageScaler.scale")
+    def conditioned(self, advantages) -> list[float]:
+        """This step's conditioned advantages; the state is not changed (see :meth:`observe`)."""
+        adv = _finite_list(advantages, "AdvantageScaler.conditioned")
         if self.mode == "none":
             return adv
         out = adv
-        msq = sum(a * a for a in adv) / len(adv)
         if self.mode == "rms":
-            denom = self.rms() if self.steps else math.sqrt(msq)
+            denom = self.rms() if self.steps else math.sqrt(sum(a * a for a in adv) / len(adv))
             out = [a / max(denom, self.eps) for a in adv]
         if self.clip is not None:
             out = [min(max(a, -self.clip), self.clip) for a in out]
-        self.mean_square = self.beta * self.mean_square + (1.0 - self.beta) * msq
+        return out
+
+    def observe(self, advantages) -> None:
+        """Fold this step's raw advantages into the running RMS (once the step is applied)."""
+        adv = _finite_list(advantages, "AdvantageScaler.observe")
+        if self.mode == "none":
+            return
+        self.mean_square = self.beta * self.mean_square + (1.0 - self.beta) * (sum(a * a for a in adv) / len(adv))
         self.steps += 1
+
+    def scale(self, advantages) -> list[float]:
+        """:meth:`conditioned`, then :meth:`observe`."""
+        out = self.conditioned(advantages)
+        self.observe(advantages)
         return out
 
     def state_dict(self) -> dict:

@@ -25,10 +25,11 @@ def _train(**kw):
 @pytest.mark.parametrize("norm", ["none", "rms", "clip"])
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_estimators_equal_tracker_and_scaler_composed_by_hand(name, norm):
-    train = _train(estimator=name, advantage_norm=norm, advantage_clip=0.3, alpha=0.9)
+    clip = 0.3 if norm != "none" else 0.0  # rms: a bound on |a / rms|; none refuses one
+    train = _train(estimator=name, advantage_norm=norm, advantage_clip=clip, alpha=0.9)
     est = make_estimator(train)
     tracker = ResidualTracker(alpha=0.9)
-    scaler = AdvantageScaler(mode=norm, clip=0.3 if norm == "clip" else None)
+    scaler = AdvantageScaler(mode=norm, clip=clip or None)
     for step in STEPS:
         signal = step.losses if name == "vanilla" else [f - b for f, b in zip(step.losses, step.baselines, strict=True)]
         want = scaler.scale(tracker.advantages(signal) if name == "residual_tracker" else signal)
@@ -49,6 +50,40 @@ def test_estimator_state_round_trip_is_exact():
     again.load_state_dict(est.state_dict())
     assert again.advantages(STEPS[2]) == est.advantages(STEPS[2])
     assert est.draws_per_rank == 1 and est.slice_state() == {}
+
+
+def test_rms_advantages_are_clipped_at_advantage_clip():
+    """train.advantage_clip bounds |a / rms| under rms (the recipes' 3.0 used to be ignored)."""
+    est = make_estimator(_train(estimator="residual", advantage_norm="rms", advantage_clip=3.0))
+    calm = StepLosses([2.01, 1.99, 2.01, 1.99], [2.0] * 4)
+    est.advantages(calm)
+    est.commit(calm)  # running RMS = 0.01
+    outlier = StepLosses([2.5, 2.01, 1.99, 2.0], [2.0] * 4)
+    got = est.advantages(outlier)
+    assert got[0] == 3.0 and got[1:] == pytest.approx([1.0, -1.0, 0.0], abs=1e-9)
+    unclipped = make_estimator(_train(estimator="residual", advantage_norm="rms"))
+    unclipped.commit(calm)
+    assert unclipped.advantages(outlier)[0] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="no effect"):
+        AdvantageScaler(mode="none", clip=3.0)
+
+
+@pytest.mark.parametrize("norm", ["rms", "clip"])
+def test_advantages_are_pure_and_commit_counts_a_step_once(norm):
+    """Asking twice (a step redone after a stop) gives the same advantages; only commit moves state.
+    The raw advantages are r - delta in loss units, whatever the conditioning."""
+    est = make_estimator(_train(advantage_norm=norm, advantage_clip=0.3))
+    for step in STEPS[:2]:
+        est.advantages(step)
+        est.commit(step)
+    state = est.state_dict()
+    first = est.advantages(STEPS[2])
+    assert est.advantages(STEPS[2]) == first and est.state_dict() == state
+    delta = est.tracker.delta
+    assert est.raw_advantages(STEPS[2]) == [f - b - delta for f, b in zip(STEPS[2].losses, STEPS[2].baselines,
+                                                                          strict=True)]
+    est.commit(STEPS[2])
+    assert est.state_dict() != state and est.scaler.steps == 3
 
 
 def test_lr_guard_halves_then_stops_and_restores_its_state():

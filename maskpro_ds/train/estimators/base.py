@@ -3,9 +3,10 @@
 The trainer runs ``draws_per_rank`` sampled forwards per rank (one mask draw each), all-gathers every
 draw's loss and its baseline f(m0, ξ) into a :class:`StepLosses` (identical on every rank), and asks
 the estimator for one advantage per draw; the logit store then applies
-π ← π − lr/K Σ_k a_k ∇log P(m_k) over the K draws. After the update the trainer calls ``commit``
-so the estimator can refresh its running state (a tracker, a scale). A step with a non-finite loss
-is skipped before the estimator is asked, so state only moves on steps that update.
+π ← π − lr/K Σ_k a_k ∇log P(m_k) over the K draws. ``advantages`` and ``raw_advantages`` are pure;
+after the update the trainer calls ``commit`` so the estimator can refresh its running state (a
+tracker, a scale). A step with a non-finite loss is skipped before the estimator is asked, and a
+step stopped before its update never commits, so state only moves, once, on steps that update.
 
 Two kinds of state are saved in checkpoints: ``state_dict()`` (small, identical on every rank,
 JSON-able: trackers, running scales) goes into the manifest; ``slice_state()`` (per-logit tensors of
@@ -44,11 +45,15 @@ class Estimator(Protocol):
     def bind(self, layers: dict[str, tuple[int, int]]) -> None:
         """Called once with this rank's group range per masked layer (to size per-logit state)."""
 
+    def raw_advantages(self, step: StepLosses) -> list[float]:
+        """One advantage per draw before any conditioning, in loss units (what train.max_abs_advantage
+        bounds); pure."""
+
     def advantages(self, step: StepLosses) -> list[float]:
-        """One advantage per draw, identical on every rank; may update running statistics of the scale."""
+        """One advantage per draw as the update uses it, identical on every rank; pure."""
 
     def commit(self, step: StepLosses) -> None:
-        """After the update: refresh running state (e.g. the residual tracker)."""
+        """After the update: refresh running state (e.g. the residual tracker, the running RMS)."""
 
     def metrics(self) -> dict[str, float]:
         """Values logged every step (e.g. ``train/delta``)."""
@@ -76,8 +81,9 @@ class PolicyGradientEstimator:
 
     def __init__(self, train: TrainConfig):
         self.tracker = ResidualTracker(alpha=train.alpha, order=train.tracker_order)
-        # advantage_clip is in loss units and only bounds the "clip" mode; "rms" is unclipped.
-        clip = train.advantage_clip if train.advantage_norm == "clip" else None
+        # advantage_clip bounds |a| (loss units) under "clip" and |a / rms| under "rms"; 0 = no clip.
+        # Config.validate refuses a clip under "none", where it would do nothing.
+        clip = train.advantage_clip if train.advantage_clip > 0 else None
         self.scaler = AdvantageScaler(mode=train.advantage_norm, clip=clip)
 
     def signal(self, step: StepLosses) -> list[float]:
@@ -86,12 +92,15 @@ class PolicyGradientEstimator:
     def bind(self, layers: dict[str, tuple[int, int]]) -> None:
         pass
 
-    def advantages(self, step: StepLosses) -> list[float]:
+    def raw_advantages(self, step: StepLosses) -> list[float]:
         signal = self.signal(step)
-        raw = self.tracker.advantages(signal) if self.uses_tracker else list(signal)
-        return self.scaler.scale(raw)
+        return self.tracker.advantages(signal) if self.uses_tracker else list(signal)
+
+    def advantages(self, step: StepLosses) -> list[float]:
+        return self.scaler.conditioned(self.raw_advantages(step))
 
     def commit(self, step: StepLosses) -> None:
+        self.scaler.observe(self.raw_advantages(step))  # before the tracker moves: this step's advantages
         if self.uses_tracker:
             self.tracker.update(self.signal(step))
 
