@@ -3,7 +3,9 @@
 It holds every layer's full logits in one tensor, loads the model plainly (no DeepSpeed), and for
 each step and each simulated rank r draws rank r's mask with the same counter-based keys, runs the
 masked forward on rank r's batch, and applies the same update. It shares only the pure pieces with
-the trainer (sampler, policy, batch schedule), never the sharded store, the exchange or ZeRO-3.
+the trainer (sampler, policy, batch schedule, advantage scaler), never the sharded store, the
+exchange or ZeRO-3. ``lr`` may be changed between steps (to follow a guard's halvings); each step
+keeps its raw (loss-unit) and conditioned advantages for the tests to read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from maskpro_ds.data.schedule import batch_ids
+from maskpro_ds.masks.advantages import AdvantageScaler
 from maskpro_ds.masks.nm import magnitude_prior
 from maskpro_ds.masks.policy import ResidualTracker, apply_update_, final_mask, init_logits
 from maskpro_ds.masks.sampling import key_scalar, sample_masks
@@ -21,7 +24,7 @@ from maskpro_ds.masks.sampling import key_scalar, sample_masks
 
 class ReferenceMaskPro:
     def __init__(self, model_dir, tokens: torch.Tensor, *, n=2, m=4, c=3.0, lr=20.0, alpha=0.99, seed=0,
-                 batch_size=2, targets=r"\.layers\.\d+\.", order="use_then_refresh"):
+                 batch_size=2, targets=r"\.layers\.\d+\.", order="use_then_refresh", norm="none"):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -31,6 +34,9 @@ class ReferenceMaskPro:
         self.prior = [magnitude_prior(mod.weight, n, m) for _, mod in self.layers]
         self.logits = [init_logits(p, c, m) for p in self.prior]
         self.tracker = ResidualTracker(alpha=alpha, order=order)
+        self.scaler = AdvantageScaler(mode=norm)
+        self.raw_advantages: list[list[float]] = []
+        self.advantages: list[list[float]] = []
         self.weights = [mod.weight.detach().clone() for _, mod in self.layers]
         self.baseline = self._losses(torch.arange(tokens.shape[0]), self.prior)
         self.step_index = 0
@@ -53,7 +59,10 @@ class ReferenceMaskPro:
             loss = self._losses(ids, masks).mean()
             residuals.append(float(loss - self.baseline[ids].mean()))
             masks_per_rank.append(masks)
-        advantages = self.tracker.advantages(residuals)
+        raw = self.tracker.advantages(residuals)
+        advantages = self.scaler.scale(raw)
+        self.raw_advantages.append(raw)
+        self.advantages.append(advantages)
         for li in range(len(self.logits)):
             apply_update_(self.logits[li], [mk[li] for mk in masks_per_rank], advantages, self.lr, self.n)
         self.tracker.update(residuals)

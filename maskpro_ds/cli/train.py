@@ -7,7 +7,9 @@ launcher starts this module (``python -m maskpro_ds.cli.train``) or ``launchers/
     torchrun --nproc_per_node 2 -m maskpro_ds.cli.train --config configs/tiny_debug.yaml
     mpirun -n 2 maskpro-train --config configs/tiny_debug.yaml
     sbatch launchers/slurm/train.sbatch --config configs/llama_70b_multinode.yaml
-Exit status: 0 done, 2 a user error (named on stderr), 3 a guard stopped the run (checkpoint saved).
+Exit status: 0 done (or nothing left to train), 1 a failure (e.g. a checkpoint could not be written),
+2 a user error (named on stderr: bad config, a run directory in use by another run, a resume that
+does not match its checkpoint), 3 a guard stopped the run (checkpoint saved).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from maskpro_ds.config import load_config  # noqa: E402
 from maskpro_ds.train import distributed  # noqa: E402
+from maskpro_ds.train.resume_checks import ResumeMismatch, parse_allowed  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -30,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see configs/); every key can be overridden as --section.key=value")
     parser.add_argument("--resume", action="store_true", help="continue from <train.run_dir>/checkpoints/latest")
+    parser.add_argument("--resume-allow-mismatch", default="", metavar="WHAT",
+                        help="comma-separated among seed, data, base: resume even though the checkpoint was made "
+                             "with another seed, other samples or another base model (refused otherwise)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_known_args(argv)
 
@@ -41,18 +47,34 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, overrides)
+        allow_mismatch = parse_allowed(args.resume_allow_mismatch)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from maskpro_ds.train.trainer import Trainer, TrainingStopped
+    from maskpro_ds.train.checkpoint import CheckpointWriteError
+    from maskpro_ds.train.run_lock import RunLocked
+    from maskpro_ds.train.trainer import NothingToTrain, Trainer, TrainingStopped
+
+    def once(message: str) -> None:  # errors every rank agreed on: printed by rank 0 only
+        if rank == "0":
+            print(message, file=sys.stderr)
 
     trainer = None
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, allow_mismatch=allow_mismatch)
         trainer.train()
     except TrainingStopped as e:
         logging.getLogger("maskpro_ds").error("%s", e)
         return 3
+    except NothingToTrain as e:
+        once(str(e))
+        return 0
+    except (RunLocked, ResumeMismatch) as e:
+        once(f"error: {e}")
+        return 2
+    except CheckpointWriteError as e:
+        once(f"error: {e}")
+        return 1
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -42,7 +42,12 @@ def _read_txt(path: Path, split_txt: bool) -> list[str]:
     file laid out as documents joined by "\\n\\n", ``"\\n\\n".join(docs)`` gives the file back.
     With ``split_txt=False`` the file is one document, read whole (blank-line runs kept).
     """
-    text = path.read_text(encoding="utf-8")  # text mode turns \r\n into \n
+    try:
+        text = path.read_text(encoding="utf-8")  # text mode turns \r\n into \n
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data source {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         "a .txt source must be UTF-8 text, documents separated by blank lines. Convert it, or "
+                         "use a .json/.jsonl/.parquet/.csv file") from None
     if not split_txt:
         return [text]
     docs = (d.strip("\n") for d in text.split("\n\n"))

@@ -73,8 +73,9 @@ class BaselineCache:
         bad = ~torch.isfinite(losses)
         if bad.any():
             raise ValueError(
-                f"non-finite baseline loss for sample ids {_format_ids(ids[bad])}: the prior mask makes "
-                "the model diverge on them; check the prior and the compute dtype"
+                f"non-finite baseline loss f(m0) for sample ids {_format_ids(ids[bad])}: the model with the "
+                "prior mask gives NaN/inf on them; check those samples of data.source, model.dtype (fp16 "
+                "overflows easily), the base weights and mask.prior"
             )
         self.losses[ids] = losses
         self.filled[ids] = True
@@ -145,7 +146,8 @@ class BaselineCache:
 def load_or_compute(path: Path, fingerprint: str, tokens: torch.Tensor, forward: MaskedForward,
                     info: distributed.RankInfo, batch: int, progress: bool) -> BaselineCache:
     """f(m0, ξ) for every sample id (row of ``tokens``): loaded from ``path`` if it matches, else one
-    collective pass over the samples (rank 0 saves it). Every rank returns the full cache."""
+    collective pass over the samples (rank 0 saves it). Every rank returns the full cache. A
+    non-finite loss stops the pass on every rank with an error naming the samples."""
     num = tokens.shape[0]
     if path.is_file():
         try:
@@ -160,11 +162,12 @@ def load_or_compute(path: Path, fingerprint: str, tokens: torch.Tensor, forward:
     bar = ProgressBar(num_rounds(num, info.world_size, batch), 0, enabled=info.is_main and progress, desc="baseline f(m0)")
     for k, (ids, real) in enumerate(padded_rounds(num, info.world_size, info.rank, batch)):
         losses = forward.losses(tokens[ids].to(info.device), PRIOR).double()
-        # Padding slots carry -1 (a loss is never negative) so every rank can drop them after the gather.
-        payload = torch.stack([ids.double(), torch.where(torch.arange(batch) < real, losses.cpu(), -1.0)], 1)
-        every = distributed.all_gather_floats(payload.reshape(-1).to(info.device)).reshape(-1, 2).cpu()
-        keep = every[:, 1] >= 0
-        cache.set(every[keep, 0].long(), every[keep, 1])
+        # A flag marks the real slots (padding repeats sample 0), so a NaN loss is never taken for padding.
+        real_slot = (torch.arange(batch) < real).double()
+        payload = torch.stack([ids.double(), losses.cpu(), real_slot], 1)
+        every = distributed.all_gather_floats(payload.reshape(-1).to(info.device)).reshape(-1, 3).cpu()
+        keep = every[:, 2] > 0
+        cache.set(every[keep, 0].long(), every[keep, 1])  # raises on a non-finite loss, naming the ids
         bar.update(k + 1)
     bar.close()
     if info.is_main:

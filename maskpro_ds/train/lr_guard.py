@@ -1,10 +1,13 @@
 """The step-size guard: halve lr when a step looks unstable, stop the run when halving does not help.
 
-Two optional trips (off at 0): an advantage with ``|a| > train.max_abs_advantage`` before the update,
-and a deviating-group fraction above ``train.max_deviation`` after it. Each trip halves lr for the
-rest of the run; once lr falls below ``train.lr / 1000`` (ten halvings) the guard raises
-:class:`GuardStop` and the trainer saves a checkpoint and stops. Its state (the current lr) is saved
-in checkpoints as an exact hex string.
+Two optional trips (off at 0), both checked once a step's update is applied: an advantage before
+conditioning with ``|r - δ| > train.max_abs_advantage`` (loss units, whatever ``train.advantage_norm``
+does to it afterwards), and a deviating-group fraction above ``train.max_deviation``. Each trip
+halves lr from the next step on, for the rest of the run (the step that tripped has already used
+its lr: a trip never changes a step after the fact). Once lr falls below ``train.lr / 1000`` (ten
+halvings) the guard raises :class:`GuardStop`; the trainer then saves a checkpoint of the finished
+step and stops, so a resume continues with the next step and nothing is counted twice. Its state
+(the current lr) is saved in checkpoints as an exact hex string.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ class LrGuard:
         self.max_abs_advantage = max_abs_advantage
         self.max_deviation = max_deviation
 
-    def check_advantages(self, advantages: list[float], step: int) -> None:
-        """Before the update: halve lr if some |advantage| exceeds train.max_abs_advantage."""
+    def check_advantages(self, raw_advantages: list[float], step: int) -> None:
+        """After the update: halve lr if some |r - δ| (loss units, before conditioning) exceeds
+        train.max_abs_advantage."""
         limit = self.max_abs_advantage
-        worst = max(abs(a) for a in advantages)
+        worst = max(abs(a) for a in raw_advantages)
         if limit and worst > limit:
             self._halve(f"|r - delta| = {worst:.4g} > train.max_abs_advantage={limit}", step)
 
@@ -40,7 +44,7 @@ class LrGuard:
 
     def _halve(self, why: str, step: int) -> None:
         self.lr /= 2
-        logger.warning("step %d: %s; halving lr to %.4g", step, why, self.lr)
+        logger.warning("step %d: %s; halving lr to %.4g from the next step on", step, why, self.lr)
         if self.lr < self.config_lr / 1000:  # 10 halvings
             raise GuardStop(f"lr fell below train.lr/1000 after repeated guard trips ({why})")
 

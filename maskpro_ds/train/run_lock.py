@@ -40,7 +40,7 @@ WATCH_S = 3 * HEARTBEAT_S
 
 
 class RunLocked(RuntimeError):
-    """The run directory belongs to another run that is still alive."""
+    """The run directory belongs to another run that is still alive (or cannot be locked at all)."""
 
 
 def _proc_start_ticks(pid: int) -> int | None:
@@ -190,6 +190,8 @@ def lock_run_dir(run_dir: str | os.PathLike, is_main: bool) -> RunLock | None:
                 logger.warning("%s", warning)
         except RunLocked as e:
             lock, problem = None, str(e)
+        except OSError as e:  # every rank must hear of it, or the others would wait for rank 0 forever
+            lock, problem = None, f"train.run_dir {run_dir}: cannot lock {lock.path} ({e}); check that it is writable"
     problem = distributed.broadcast_object(problem)
     if problem:
         if lock is not None:

@@ -4,11 +4,16 @@ One step on rank r of R (design in docs/architecture.md), read top to bottom in 
   ids   = schedule.ids(step, r)                  # sample ids; f(m0) looked up by id
   loss  = forward.losses(tokens, SampleMode(t))  # each masked Linear gets rank r's sampled mask
   every = all_gather(loss, f0)                   # R pairs, identical on every rank
-  adv   = estimator.advantages(every)            # the registry in train/estimators/
-  guard.check_advantages(adv)                    # may halve lr (train/lr_guard.py)
+  adv   = estimator.advantages(every)            # the registry in train/estimators/ (pure)
   store.apply_update(adv, lr)                    # owners regenerate the R masks on their slices
-  estimator.commit(every); guard.check_deviation(...)
-Non-finite losses skip the step everywhere (logits and estimator state untouched).
+  estimator.commit(every)                        # running state moves once the update is applied
+  guard.check_advantages(raw), check_deviation   # may halve lr from the next step (train/lr_guard.py)
+Non-finite losses skip the step everywhere (logits and estimator state untouched); a non-finite
+baseline stops the run with a checkpoint, naming the samples.
+
+Before anything else rank 0 locks the run directory (train/run_lock.py); a resume is checked
+against the checkpoint (train/resume_checks.py) before the model is loaded; config.yaml and the
+fingerprint cache are written, and leftovers of killed runs removed, only once every check passed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from maskpro_ds.config import Config
 from maskpro_ds.data.samples import build_samples
 from maskpro_ds.data.schedule import BatchSchedule
 from maskpro_ds.formats.atomic import atomic_write_text
-from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.hashing import model_fingerprint, save_fingerprint_cache
 from maskpro_ds.formats.mask_artifact import read_mask_artifact
 from maskpro_ds.masks.nm import magnitude_prior
 from maskpro_ds.masks.policy import mask_entropy
@@ -42,6 +47,8 @@ from maskpro_ds.train.lr_guard import GuardStop, LrGuard
 from maskpro_ds.train.mask_modes import PRIOR, SampleMode
 from maskpro_ds.train.metrics import MetricsLogger, ProgressBar
 from maskpro_ds.train.periodic_eval import heldout_windows, masked_perplexity
+from maskpro_ds.train.resume_checks import RunIdentity, check_resume
+from maskpro_ds.train.run_lock import lock_run_dir
 from maskpro_ds.train.zero_model import build_ds_config, install_masked_forward, load_partitioned_model
 from maskpro_ds.train.zero_utils import full_numel, gathered, is_released, local_numel, zero_partition
 
@@ -67,24 +74,40 @@ class TrainingStopped(RuntimeError):
     """Raised when a guard stops the run; a checkpoint has been written first."""
 
 
+class NothingToTrain(Exception):
+    """``--resume`` found the run at or past ``train.steps``; nothing was loaded or changed."""
+
+
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, allow_mismatch: frozenset[str] = frozenset()):
         self.cfg = cfg
         self.info = distributed.init_distributed(cfg.zero.backend, cfg.zero.timeout_s)
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.stop_reason: str | None = None
+        # First of all, the run directory must be ours: a refused run reads and writes nothing there.
+        self.lock = lock_run_dir(self.run_dir, self.info.is_main)
+        try:
+            self._setup(resume or cfg.checkpoint.resume, allow_mismatch)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _setup(self, resume: bool, allow_mismatch: frozenset[str]) -> None:
+        cfg = self.cfg
         model_dir = check_model_dir(cfg.model.path, "model.path")
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.dump_yaml())
+        fingerprint_cache = self.run_dir / "base_fingerprint.json"
         self.base_fingerprint = distributed.broadcast_object(
-            model_fingerprint(model_dir, self.run_dir / "base_fingerprint.json") if self.info.is_main else None)
+            model_fingerprint(model_dir, fingerprint_cache, write_cache=False) if self.info.is_main else None)
 
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.samples = self._build_samples(cfg.data.source, cfg.data.seqlen, cfg.data.num_samples)
         self.schedule = BatchSchedule(cfg.train.seed, self.info.world_size, cfg.data.batch_size, len(self.samples.ids))
+        self.identity = RunIdentity(cfg.train.seed, self.samples.source_fingerprint, len(self.samples), cfg.mask.n,
+                                    cfg.mask.m, self.base_fingerprint)
+        manifest = self._checkpoint_to_resume(allow_mismatch) if resume else None
 
         self.ds_config = build_ds_config(cfg, self.info.world_size)
         self.engine, self.model = load_partitioned_model(cfg, self.ds_config)
@@ -107,8 +130,10 @@ class Trainer:
         self.skipped_steps = 0
         self.best_eval = math.inf
         self.run_id = distributed.broadcast_object(uuid.uuid4().hex[:12] if self.info.is_main else None)
-        if resume or cfg.checkpoint.resume:
-            self._resume()
+        if manifest is not None:
+            self._resume(manifest)
+        if self.info.is_main:  # every check passed: from here on the run directory is this run's
+            self._claim_run_dir(model_dir, fingerprint_cache)
         self.baseline = self._baseline() if cfg.train.baseline == "precompute" else None
         self.eval_windows = None
         if cfg.train.eval_every:
@@ -120,6 +145,28 @@ class Trainer:
         self.weight_digest_at_start = self._weight_digest()
 
     # ------------------------------------------------------------------ setup helpers
+    def _checkpoint_to_resume(self, allow_mismatch: frozenset[str]):
+        """The checkpoint a resume continues from, checked against this run before the model is loaded."""
+        manifest = checkpoint.find_resumable(self.ckpt_root, self.info.rank, self.info.world_size)
+        if manifest is None:
+            raise FileNotFoundError(f"--resume: no usable checkpoint under {self.ckpt_root}")
+        for warning in check_resume(manifest, self.identity, allow_mismatch):
+            if self.info.is_main:
+                logger.warning("%s", warning)
+        if manifest.step >= self.cfg.train.steps:
+            raise NothingToTrain(f"nothing to train: {manifest.path} is at step {manifest.step} and train.steps = "
+                                 f"{self.cfg.train.steps}; nothing was changed. Raise --train.steps to continue")
+        return manifest
+
+    def _claim_run_dir(self, model_dir: Path, fingerprint_cache: Path) -> None:
+        """Rank 0, once every check passed: remove what killed runs left, record the config and fingerprint."""
+        removed = checkpoint.clean_temporaries(self.run_dir)
+        if removed:
+            logger.warning("removed %d temporary file(s) left by an interrupted run: %s", len(removed),
+                           ", ".join(str(p.relative_to(self.run_dir)) for p in removed[:5]))
+        atomic_write_text(self.run_dir / "config.yaml", self.cfg.dump_yaml())
+        save_fingerprint_cache(model_dir, fingerprint_cache, self.base_fingerprint)
+
     def _build_samples(self, source: str, seqlen: int, num_samples: int):
         d = self.cfg.data
         kwargs = dict(seqlen=seqlen, num_samples=num_samples, cache_dir=d.cache_dir, split=d.split,
@@ -139,6 +186,15 @@ class Trainer:
         cfg, store = self.cfg, self.store
         if cfg.mask.prior:
             artifact = read_mask_artifact(cfg.mask.prior)
+            problem = None
+            if self.info.is_main:  # one rank hashes it; all learn the outcome
+                try:
+                    artifact.verify()
+                except ValueError as e:
+                    problem = f"mask.prior: {e}"
+            problem = distributed.broadcast_object(problem)
+            if problem:
+                raise ValueError(problem)
             if (artifact.n, artifact.m) != (cfg.mask.n, cfg.mask.m):
                 raise ValueError(f"mask.prior {cfg.mask.prior} is {artifact.pattern}, but mask.pattern is {cfg.mask.pattern}")
             artifact.check_base(self.base_fingerprint)
@@ -183,28 +239,36 @@ class Trainer:
         if _fault_nan(self.step_index, self.info.rank):
             loss = torch.tensor(float("nan"), dtype=torch.float64)
         if self.baseline is not None:
-            f0 = self.baseline.get(ids).mean()
+            f0_each = self.baseline.get(ids)
         else:
-            f0 = self.forward.losses(tokens, PRIOR).double().mean().cpu()
-        every = distributed.all_gather_floats(torch.stack([loss.cpu(), f0]).to(self.info.device)).cpu()
+            f0_each = self.forward.losses(tokens, PRIOR).double().cpu()
+        every = distributed.all_gather_floats(torch.stack([loss.cpu(), f0_each.mean()]).to(self.info.device)).cpu()
+        if not bool(torch.isfinite(every[:, 1]).all()):
+            self._stop_on_baseline(ids[~torch.isfinite(f0_each)].tolist())
         losses = StepLosses(losses=every[:, 0].tolist(), baselines=every[:, 1].tolist())
         values = {"train/loss": float(every[:, 0].mean()), "train/baseline_loss": float(every[:, 1].mean())}
         if not bool(torch.isfinite(every[:, 0]).all()):
             return self._skip_step(values, t0)
         self.bad_steps = 0
 
-        advantages = self.estimator.advantages(losses)
-        self._guarded(self.guard.check_advantages, advantages)
+        raw = self.estimator.raw_advantages(losses)  # loss units: what the guard bounds
+        advantages = self.estimator.advantages(losses)  # what the update uses
+        lr = self.guard.lr
         counts = torch.zeros(2, dtype=torch.float64)
         for layer in range(len(store.names)):
-            c = store.apply_update(layer, self.step_index, advantages, self.guard.lr)
+            c = store.apply_update(layer, self.step_index, advantages, lr)
             counts += torch.tensor([c["deviating"], c["changed"]], dtype=torch.float64)
         counts = distributed.all_gather_floats(counts.to(self.info.device)).sum(0).cpu()
         total_groups = store.num_groups_total
         deviating = float(counts[0]) / (total_groups * world)
         self.estimator.commit(losses)
         self.step_index += 1
-        self._guarded(self.guard.check_deviation, deviating)
+        # The step is complete; a trip halves lr from the next step on, and a stop saves this state.
+        try:
+            self.guard.check_advantages(raw, self.step_index)
+            self.guard.check_deviation(deviating, self.step_index)
+        except GuardStop as e:
+            self.stop_reason = str(e)
 
         res = torch.tensor(losses.residuals, dtype=torch.float64)
         elapsed = time.time() - t0
@@ -214,9 +278,10 @@ class Trainer:
             **self.estimator.metrics(),
             "train/advantage_mean": sum(advantages) / world,
             "train/advantage_abs_max": max(abs(a) for a in advantages),
+            "train/raw_advantage_abs_max": max(abs(a) for a in raw),
             "train/deviating_groups_frac": deviating,
             "train/changed_groups_frac": float(counts[1]) / total_groups,
-            "train/lr": self.guard.lr,
+            "train/lr": lr,
             "train/step_time_s": elapsed,
             "train/tokens_per_s": world * tokens.numel() / max(elapsed, 1e-9),
             "train/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -229,13 +294,17 @@ class Trainer:
             values["train/mask_entropy"] = self._mask_entropy()
         return values
 
-    def _guarded(self, check, value) -> None:
-        """Run one lr-guard check; if it gives up, save a checkpoint and stop the run."""
-        try:
-            check(value, self.step_index)
-        except GuardStop as e:
-            self.save()
-            raise TrainingStopped(f"{e}; checkpoint saved at step {self.step_index}") from e
+    def _stop_on_baseline(self, mine: list[int]) -> None:
+        """A non-finite f(m0) (online baseline) will not get better by skipping: name the samples of
+        every rank, save the state (nothing of this step was applied) and stop."""
+        bad = sorted(i for ids in distributed.all_gather_objects(mine) for i in ids)
+        self.save()
+        raise TrainingStopped(
+            f"step {self.step_index}: the baseline loss f(m0) is not finite for sample ids {bad} "
+            "(train.baseline = online): the model with the prior mask gives NaN/inf on them; check those samples "
+            "of data.source, model.dtype (fp16 overflows easily), the base weights and mask.prior. Checkpoint "
+            f"saved at step {self.step_index} (nothing of this step was applied); resume with --resume after "
+            "fixing it")
 
     def _mask_entropy(self) -> float:
         """Mean entropy (nats) of the per-group distributions over kept sets, across all ranks' slices."""
@@ -276,8 +345,13 @@ class Trainer:
                     self.metrics.log(self.step_index, values)
                 progress.update(self.step_index, {"loss": values.get("train/loss"), "res": values.get("train/residual_mean"),
                                                   "dev": values.get("train/deviating_groups_frac")})
-                if self.step_index % cfg.checkpoint.every == 0 or self.step_index == cfg.train.steps:
+                saved = self.step_index % cfg.checkpoint.every == 0 or self.step_index == cfg.train.steps
+                if saved:
                     self.save()
+                if self.stop_reason:  # a guard gave up after this step: stop with a checkpoint of it
+                    if not saved:
+                        self.save()
+                    raise TrainingStopped(f"{self.stop_reason}; checkpoint saved at step {self.step_index}")
         finally:
             progress.close()
         if self.step_index == cfg.train.steps and not (self.ckpt_root / checkpoint.step_dir_name(self.step_index)).exists():
@@ -299,7 +373,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step_index, **self.guard.state_dict(), "bad_steps": self.bad_steps,
                 "skipped_steps": self.skipped_steps, "best_eval": float(self.best_eval).hex(),
-                "estimator": self.estimator.state_dict(), "seed": self.cfg.train.seed,
+                "estimator": self.estimator.state_dict(), **self.identity.state(),
                 "world_size": self.info.world_size}
 
     def load_state_dict(self, state: dict) -> None:
@@ -317,11 +391,8 @@ class Trainer:
             base_model={"path": str(self.cfg.model.path), "fingerprint": self.base_fingerprint},
             run_id=self.run_id, keep_last=self.cfg.checkpoint.keep_last, extra=self.estimator.slice_state())
 
-    def _resume(self) -> None:
-        manifest = checkpoint.find_resumable(self.ckpt_root)
-        if manifest is None:
-            raise FileNotFoundError(f"--resume: no usable checkpoint under {self.ckpt_root}")
-        checkpoint.check_compatible(manifest, self.store, self.base_fingerprint)
+    def _resume(self, manifest) -> None:
+        checkpoint.check_compatible(manifest, self.store)
         checkpoint.load_logits_into(manifest, self.store)
         self.estimator.load_slice_state(checkpoint.load_extra_slices(manifest, self.store))
         self.load_state_dict(manifest.state)
@@ -360,3 +431,9 @@ class Trainer:
             out = self.run_dir / "ranks" / f"rank-{self.info.rank:05d}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out, json.dumps(self.rank_report(), indent=1) + "\n")
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()

@@ -121,9 +121,9 @@ def test_deviation_guard_halves_the_step_then_stops_with_a_checkpoint(setup):
     assert proc.returncode != 0
     assert "lr fell below train.lr/1000 after repeated guard trips" in proc.stderr + proc.stdout
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    lrs = [x["train/lr"] for x in lines]
-    assert lrs == [20.0 / 2 ** k for k in range(1, len(lrs) + 1)]  # every step tripped the guard once
+    lrs = [x["train/lr"] for x in lines]  # the lr each step used: a trip halves it from the next step on
+    assert lrs == [20.0 / 2 ** k for k in range(len(lrs))]  # every step tripped the guard once
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert len(lrs) == 9 and latest == "step-000010"  # the 10th halving stops the run inside step 10
+    assert len(lrs) == 10 and latest == "step-000010"  # the 10th halving, after step 10, stops the run
     state = json.loads((run_dir / "checkpoints" / latest / "manifest.json").read_text())["state"]
     assert float.fromhex(state["lr"]) < 20.0 / 1000
