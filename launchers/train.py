@@ -1,4 +1,4 @@
-"""Train MaskPro masks: ``launchers/train.py --config CONFIG.yaml [--resume] [--section.key=value ...]``.
+"""Train MaskPro masks: ``launchers/train.py --config CONFIG.yaml [--resume | --auto-resume] [--section.key=value ...]``.
 
 Works under every launcher (the process group is set up in maskpro_ds.distributed):
     deepspeed --hostfile hosts launchers/train.py --config configs/llama2_7b.yaml
@@ -6,6 +6,9 @@ Works under every launcher (the process group is set up in maskpro_ds.distribute
     torchrun --nproc_per_node 2 launchers/train.py --config configs/tiny_debug.yaml
     mpirun -n 2 python launchers/train.py --config configs/tiny_debug.yaml
     sbatch launchers/slurm/train.sbatch --config configs/llama_70b_multinode.yaml
+
+Exit codes: 0 done, 2 a user error, 3 a guard stopped the run, 75 stopped by SIGTERM/SIGUSR1 after
+checkpointing the last finished step (maskpro_ds.preemption; the sbatch script requeues on it).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 # the deepspeed launcher (unlike torchrun) does not set it. Must precede the torch import.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from maskpro_ds import distributed  # noqa: E402
+from maskpro_ds import distributed, preemption  # noqa: E402
 from maskpro_ds.config import load_config  # noqa: E402
 
 
@@ -27,12 +30,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see configs/); every key can be overridden as --section.key=value")
     parser.add_argument("--resume", action="store_true", help="continue from <train.run_dir>/checkpoints/latest")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="continue when train.run_dir holds a usable checkpoint, else start fresh "
+                             "(what a requeued batch job passes)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
+    # From here a SIGTERM/SIGUSR1 (scheduler, torchrun) ends the run at the next step boundary with a
+    # checkpoint instead of killing it mid-step; a signal during loading is honoured after the first step.
+    preemption.install_handlers()
     rank = os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer = None
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        resume = args.resume or (args.auto_resume and preemption.has_checkpoint(cfg.train.run_dir))
+        trainer = Trainer(cfg, resume=resume)
         trainer.train()
+    except preemption.Preempted as e:
+        logging.getLogger("maskpro_ds").warning("%s", e)
+        return preemption.EXIT_PREEMPTED
     except TrainingStopped as e:
         logging.getLogger("maskpro_ds").error("%s", e)
         return 3

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from maskpro_ds import checkpoint, distributed
+from maskpro_ds import checkpoint, distributed, preemption
 from maskpro_ds.artifacts import model_fingerprint, read_mask_artifact
 from maskpro_ds.atomic import atomic_write_text
 from maskpro_ds.baseline_cache import BaselineCache, baseline_fingerprint
@@ -324,8 +324,15 @@ class Trainer:
                     self.metrics.log(self.step_index, values)
                 progress.update(self.step_index, {"loss": values.get("train/loss"), "res": values.get("train/residual_mean"),
                                                   "dev": values.get("train/deviating_groups_frac")})
-                if self.step_index % cfg.checkpoint.every == 0 or self.step_index == cfg.train.steps:
+                saved = self.step_index % cfg.checkpoint.every == 0 or self.step_index == cfg.train.steps
+                if saved:
                     self.save()
+                # SIGTERM/SIGUSR1 on any rank: all stop after this step with a checkpoint of it (collective).
+                why = self.step_index < cfg.train.steps and preemption.stop_agreed(self.info.device)
+                if why:
+                    if not saved:
+                        self.save()
+                    raise preemption.Preempted(self.step_index, why)
         finally:
             progress.close()
         if self.step_index == cfg.train.steps and not (self.ckpt_root / checkpoint.step_dir_name(self.step_index)).exists():
