@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 # One intra-op thread per rank unless the user chose otherwise: several ranks share the cores, and
 # the deepspeed launcher (unlike torchrun) does not set it. Must precede the torch import.
@@ -73,5 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """main() with every ending through exit_process, a crash included (exit code 1)."""
+    try:
+        code = main()
+    except SystemExit:
+        raise  # argparse (--help, a bad flag): nothing started yet
+    except BaseException:  # noqa: BLE001 - report it, then leave like any other ending
+        # Interpreter finalisation after a crash can hang in gloo/DeepSpeed teardown (a dead peer),
+        # and the launcher's SIGTERM no longer ends a rank at once (it is a stop request now).
+        traceback.print_exc()
+        code = 1
+    distributed.exit_process(code)  # not sys.exit: see exit_process (a finished run must not abort at exit)
+
+
 if __name__ == "__main__":
-    distributed.exit_process(main())  # not sys.exit: see exit_process (a finished run must not abort at exit)
+    run()
