@@ -34,7 +34,7 @@ from maskpro_ds.masks.nm import magnitude_prior
 from maskpro_ds.masks.policy import mask_entropy
 from maskpro_ds.models.hf_dir import check_model_dir
 from maskpro_ds.models.targets import select_targets
-from maskpro_ds.train import baseline_cache, checkpoint, distributed
+from maskpro_ds.train import baseline_cache, checkpoint, distributed, preemption
 from maskpro_ds.train.estimators import StepLosses, make_estimator
 from maskpro_ds.train.forward import MaskedForward
 from maskpro_ds.train.logit_store import LogitStore
@@ -276,8 +276,15 @@ class Trainer:
                     self.metrics.log(self.step_index, values)
                 progress.update(self.step_index, {"loss": values.get("train/loss"), "res": values.get("train/residual_mean"),
                                                   "dev": values.get("train/deviating_groups_frac")})
-                if self.step_index % cfg.checkpoint.every == 0 or self.step_index == cfg.train.steps:
+                saved = self.step_index % cfg.checkpoint.every == 0 or self.step_index == cfg.train.steps
+                if saved:
                     self.save()
+                # SIGTERM/SIGUSR1 on any rank: all stop after this step with a checkpoint of it (collective).
+                why = self.step_index < cfg.train.steps and preemption.stop_agreed(self.info.device)
+                if why:
+                    if not saved:
+                        self.save()
+                    raise preemption.Preempted(self.step_index, why)
         finally:
             progress.close()
         if self.step_index == cfg.train.steps and not (self.ckpt_root / checkpoint.step_dir_name(self.step_index)).exists():
