@@ -5,6 +5,8 @@ Examples::
     python tools/make_prior.py --model runs/demo/model --method wanda --pattern 2:4 \\
         --calib runs/demo/calib.txt --nsamples 32 --seqlen 128 --out runs/demo/prior-wanda
     python tools/make_prior.py --model M --method from-checkpoint --source PRUNED_DIR --out OUT
+    python tools/make_prior.py --model M --method swap --swap-start wanda --calib C --nsamples 128 --out OUT
+    torchrun --nproc_per_node 2 tools/make_prior.py --model M --method swap ...   # rows split over ranks
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from maskpro_ds.priors.make import METHODS, PriorSpec, make_prior
@@ -41,11 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--swap-start", default="wanda",
+                   help="swap: starting mask: magnitude | wanda | sparsegpt | a mask artifact or pruned checkpoint dir")
+    p.add_argument("--swap-sweeps", type=int, default=5, help="swap: most sweeps over every group (default 5)")
+    p.add_argument("--swap-tol", type=float, default=1e-3,
+                   help="swap: stop when a sweep lowers the objective by less than this fraction (default 1e-3)")
+    p.add_argument("--swap-calib", default="dense", choices=("dense", "sequential"),
+                   help="swap: activations of the dense model (default) or of the already-masked one")
+    p.add_argument("--swap-row-chunk", type=int, default=512,
+                   help="swap: rows searched together, the unit of the split over ranks (default 512)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from maskpro_ds.priors.swap_ranks import launched_world_size
+
+    code = _make(args)
+    if launched_world_size() > 1:  # ranks of a launcher end like training's (distributed.exit_process)
+        from maskpro_ds.distributed import exit_process
+
+        exit_process(code)
+    return code
+
+
+def _make(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = PriorSpec(
         model=args.model, method=args.method, out=args.out, pattern=args.pattern, calib=args.calib,
@@ -53,13 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         source=args.source, include=args.include,
         exclude=args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE),
         dtype=args.dtype, load=args.load, device=args.device, batch_size=args.batch_size,
-        blocksize=args.blocksize, percdamp=args.percdamp, force=args.force,
+        blocksize=args.blocksize, percdamp=args.percdamp, force=args.force, swap_start=args.swap_start,
+        swap_sweeps=args.swap_sweeps, swap_tol=args.swap_tol, swap_calib=args.swap_calib,
+        swap_row_chunk=args.swap_row_chunk,
     )
     try:
         out = make_prior(spec)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"make_prior: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # a multi-rank swap run: rank 0 wrote and reports the artifact
+        return 0
     from maskpro_ds.artifacts import read_mask_artifact
 
     art = read_mask_artifact(out)

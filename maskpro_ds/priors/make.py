@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from maskpro_ds.priors.wanda import wanda_masks
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "from-checkpoint")
+METHODS = ("magnitude", "wanda", "sparsegpt", "from-checkpoint", "swap")
 
 
 @dataclass
@@ -54,6 +55,12 @@ class PriorSpec:
     blocksize: int = 128
     percdamp: float = 0.01
     force: bool = False
+    # swap (priors/swap.py): starting mask, sweeps, tolerance, calibration mode, rows per search chunk
+    swap_start: str = "wanda"
+    swap_sweeps: int = 5
+    swap_tol: float = 1e-3
+    swap_calib: str = "dense"
+    swap_row_chunk: int = 512
 
 
 def _calibration(spec: PriorSpec, tokenizer) -> tuple[torch.Tensor, dict]:
@@ -102,6 +109,10 @@ def compute_prior(spec: PriorSpec) -> tuple[dict[str, torch.Tensor], dict]:
             tokens, meta["calib"] = _calibration(spec, tokenizer)
             if spec.method == "wanda":
                 masks = wanda_masks(handle, tokens, targets, n, m, batch_size=spec.batch_size)
+            elif spec.method == "swap":
+                from maskpro_ds.priors.swap import run_swap
+
+                masks, meta["swap"] = run_swap(handle, tokens, targets, n, m, spec)
             else:
                 masks = sparsegpt_masks(
                     handle, tokens, targets, n, m, blocksize=spec.blocksize, percdamp=spec.percdamp,
@@ -123,6 +134,8 @@ def make_prior(spec: PriorSpec) -> Path:
         raise FileExistsError(f"--out {out} already exists; pass --force to overwrite it")
     n, m = parse_pattern(spec.pattern)
     masks, meta = compute_prior(spec)
+    if int(os.environ.get("RANK", "0")) != 0:  # a multi-rank swap run: every rank holds the masks, rank 0 writes
+        return out
     fingerprint = model_fingerprint(spec.model)
     return write_mask_artifact(out, masks, n, m, fingerprint, meta=meta, force=spec.force)
 

@@ -1,0 +1,308 @@
+"""The swap prior: a layer-wise local search over strict N:M masks, weights never changed.
+
+For each Linear it minimises the output reconstruction error of the mask alone,
+‖X (W ⊙ m − W)ᵀ‖² = Σ_rows zᵀ H z with z the pruned part of a row and H = XᵀX from calibration
+activations (masks/local_search.py), starting from another prior's mask.
+
+Block by block, one decoder block resident (lazy loading, as the other calibrated priors):
+1. a probe forward on the first micro-batch finds which target Linears read the same tensor
+   (q/k/v share their input, gate/up theirs): one H per distinct input, in call order;
+2. for each input in turn, the block runs on the held inputs until that input exists (a pre-hook
+   on the first Linear reading it accumulates H and stops the forward); every Linear reading it is
+   searched, and H is freed before the next one: one H in memory at a time;
+3. the block's outputs become the next block's inputs.
+
+Calibration modes (``--swap-calib``):
+- ``dense``: every H comes from the dense model's activations; the last input's pass runs the
+  whole dense block and its outputs feed the next block (the cheaper mode: no extra forward);
+- ``sequential``: the activations of the already-masked model: earlier blocks and the earlier
+  Linears of the same block run with their searched masks (W ⊙ m), and a last forward with the
+  whole block masked feeds the next block.
+
+Starting masks (``--swap-start``), computed in the same pass from the same activations:
+``magnitude``, ``wanda`` (|W|·‖X_j‖₂), ``sparsegpt`` (its mask, from the same H), or a path: a mask
+artifact directory, or a pruned checkpoint read as ``--method from-checkpoint`` reads it.
+
+The rows of each Linear are split over ranks when launched with several (priors/swap_ranks.py);
+every rank returns all masks and rank 0 writes the artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from maskpro_ds.masks.local_search import SearchConfig, SearchStats
+from maskpro_ds.masks.nm import magnitude_prior, topn_mask
+from maskpro_ds.priors.calibration import ColumnSumSq, Hessian, _block_forward, capture_block_inputs
+from maskpro_ds.priors.model_io import ModelHandle
+from maskpro_ds.priors.swap_ranks import RowSplit
+from maskpro_ds.priors.targets import targets_in_block
+from maskpro_ds.priors.wanda import wanda_scores
+
+log = logging.getLogger(__name__)
+
+STARTS = ("magnitude", "wanda", "sparsegpt")
+CALIB_MODES = ("dense", "sequential")
+
+
+@dataclass
+class SwapOptions:
+    """The swap prior's own options (CLI: --swap-start, --swap-sweeps, --swap-tol, --swap-calib,
+    --swap-row-chunk; SparseGPT's --blocksize/--percdamp apply to a sparsegpt start)."""
+
+    start: str = "wanda"
+    calib: str = "dense"
+    search: SearchConfig = field(default_factory=SearchConfig)
+    sparsegpt_blocksize: int = 128
+    sparsegpt_percdamp: float = 0.01
+
+    def check(self, m: int) -> None:
+        if self.start not in STARTS and not Path(self.start).is_dir():
+            raise ValueError(f"--swap-start must be one of {', '.join(STARTS)} or a directory (a mask artifact or "
+                             f"a pruned checkpoint); got {self.start!r}")
+        if self.calib not in CALIB_MODES:
+            raise ValueError(f"--swap-calib must be dense or sequential; got {self.calib!r}")
+        self.search.check(m)
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook once the input it waits for has been seen: the rest of the block is not needed."""
+
+
+class _InputStats:
+    """H (and Wanda's column sums of squares when the start needs them) of one Linear input."""
+
+    def __init__(self, in_features: int, device, column_sums: bool):
+        self.hessian = Hessian(in_features, device)
+        self.column = ColumnSumSq(in_features, device) if column_sums else None
+
+    def add(self, x: torch.Tensor) -> None:
+        self.hessian.add(x)
+        if self.column is not None:
+            self.column.add(x)
+
+
+def input_groups(block: nn.Module, linears: dict[str, nn.Linear], first: tuple) -> list[list[str]]:
+    """Target Linears grouped by the tensor they read, groups and members in call order."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [lin.register_forward_pre_hook(lambda _m, args, name=name: seen.append((name, args[0])))
+             for name, lin in linears.items()]
+    try:
+        _block_forward(block, *first)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: list[list[str]] = []
+    inputs: list[torch.Tensor] = []
+    for name, x in seen:
+        if any(name in g for g in groups):
+            continue  # a Linear called twice keeps its first input
+        for g, x0 in zip(groups, inputs, strict=True):
+            if x is x0:
+                g.append(name)
+                break
+        else:
+            groups.append([name])
+            inputs.append(x)
+    missing = sorted(set(linears) - {name for g in groups for name in g})
+    if missing:
+        raise ValueError(f"{missing[0]}: this Linear is never called by its block's forward, so it has no "
+                         "calibration inputs; exclude it (--exclude)")
+    return groups
+
+
+def _stats_pass(block: nn.Module, leader: nn.Linear, states: list[tuple], stats: _InputStats,
+                keep_outputs: bool) -> list[torch.Tensor]:
+    """Run the block on every micro-batch while ``leader``'s input feeds ``stats``; stops the forward
+    at ``leader`` unless the block outputs are wanted (then returned)."""
+
+    def hook(_module, args):
+        stats.add(args[0])
+        if not keep_outputs:
+            raise _Stop
+
+    handle = leader.register_forward_pre_hook(hook)
+    outputs = []
+    try:
+        for hidden, kwargs in states:
+            try:
+                outputs.append(_block_forward(block, hidden, kwargs))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return outputs
+
+
+class _Starts:
+    """The starting mask of each Linear, from the statistics of its input (or from a file)."""
+
+    def __init__(self, options: SwapOptions, n: int, m: int, shapes: dict[str, tuple[int, int]]):
+        self.options, self.n, self.m = options, n, m
+        self.given: dict[str, torch.Tensor] | None = None
+        self.source_info: dict | None = None
+        if options.start not in STARTS:
+            self.given, self.source_info = _masks_from_path(Path(options.start), shapes, n, m)
+
+    @property
+    def needs_column_sums(self) -> bool:
+        return self.options.start == "wanda"
+
+    def mask(self, name: str, weight: torch.Tensor, stats: _InputStats) -> torch.Tensor:
+        start = self.options.start
+        if self.given is not None:
+            return self.given[name].to(weight.device)
+        if start == "magnitude":
+            return magnitude_prior(weight, self.n, self.m)
+        if start == "wanda":
+            return topn_mask(wanda_scores(weight, stats.column.sumsq), self.n, self.m)
+        from maskpro_ds.priors.sparsegpt import sparsegpt_prune
+
+        mask, _ = sparsegpt_prune(weight, stats.hessian.h, self.n, self.m, self.options.sparsegpt_blocksize,
+                                  self.options.sparsegpt_percdamp, name=name)
+        return mask
+
+
+def _masks_from_path(path: Path, shapes: dict[str, tuple[int, int]], n: int, m: int) -> tuple[dict, dict]:
+    """Starting masks from a mask artifact directory or a pruned checkpoint directory."""
+    from maskpro_ds.artifacts import MASK_MANIFEST, read_mask_artifact
+
+    if (path / MASK_MANIFEST).is_file():
+        art = read_mask_artifact(path)
+        if (art.n, art.m) != (n, m):
+            raise ValueError(f"--swap-start {path}: the artifact is {art.pattern}, the run is {n}:{m}")
+        missing = [name for name in shapes if name not in art.shapes]
+        if missing:
+            raise ValueError(f"--swap-start {path}: no mask for {missing[0]} ({len(missing)} targets missing); "
+                             "make the start with the same --include/--exclude")
+        masks = {}
+        for name, shape in shapes.items():
+            if tuple(art.shapes[name]) != tuple(shape):
+                raise ValueError(f"--swap-start {path}: {name} is {list(art.shapes[name])} there, {list(shape)} here")
+            masks[name] = art.layer_mask(name)
+        return masks, {"artifact": str(path), "method": art.meta.get("method"),
+                       "base_fingerprint": art.base_fingerprint}
+    from maskpro_ds.priors.from_checkpoint import masks_from_checkpoint
+
+    masks, info = masks_from_checkpoint(path, shapes, n, m)
+    return masks, {"checkpoint": info}
+
+
+def swap_masks(
+    handle: ModelHandle,
+    tokens: torch.Tensor,
+    targets: list[str],
+    n: int,
+    m: int,
+    options: SwapOptions,
+    split: RowSplit | None = None,
+    batch_size: int = 8,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """name -> bool [out, in] mask for every target, and what the search did (for the manifest)."""
+    options.check(m)
+    split = split or RowSplit()
+    shapes = {t: tuple(handle.model.get_submodule(t).weight.shape) for t in targets}
+    starts = _Starts(options, n, m, shapes)
+    masks: dict[str, torch.Tensor] = {}
+    layer_stats: dict[str, SearchStats] = {}
+    timing = {"forward_s": 0.0, "start_s": 0.0, "search_s": 0.0}
+    sequential = options.calib == "sequential"
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        states = capture_block_inputs(handle, tokens, batch_size)
+        timing["forward_s"] += time.perf_counter() - t0
+        for index in range(len(handle.layers)):
+            t_block = time.perf_counter()
+            block = handle.materialize_block(index)
+            names = targets_in_block(targets, f"{handle.layers_prefix}.{index}")
+            linears = {name: handle.model.get_submodule(name) for name in names}
+            originals = {name: lin.weight.data for name, lin in linears.items()}
+            outputs: list[torch.Tensor] = []
+            t0 = time.perf_counter()
+            groups = input_groups(block, linears, states[0]) if names else []
+            timing["forward_s"] += time.perf_counter() - t0
+            for gi, group in enumerate(groups):
+                last_dense = not sequential and gi == len(groups) - 1
+                t0 = time.perf_counter()
+                stats = _InputStats(linears[group[0]].in_features, originals[group[0]].device, starts.needs_column_sums)
+                outputs = _stats_pass(block, linears[group[0]], states, stats, keep_outputs=last_dense)
+                t1 = time.perf_counter()
+                layers = {}
+                for name in group:
+                    weight = originals[name].float()
+                    layers[name] = (weight, starts.mask(name, weight, stats))
+                t2 = time.perf_counter()
+                found = split.search(layers, stats.hessian.h, n, m, options.search)
+                timing["forward_s"] += t1 - t0
+                timing["start_s"] += t2 - t1
+                timing["search_s"] += time.perf_counter() - t2
+                del stats  # one H at a time
+                for name, (mask, st) in found.items():
+                    masks[name], layer_stats[name] = mask.cpu(), st
+                    if sequential:  # later inputs of this block see the searched mask
+                        linears[name].weight.data = torch.where(mask, originals[name], 0)
+            t0 = time.perf_counter()
+            if index + 1 < len(handle.layers):
+                if not outputs:  # sequential mode, or a block without targets
+                    outputs = [_block_forward(block, hidden, kwargs) for hidden, kwargs in states]
+                states = [(out, kwargs) for out, (_, kwargs) in zip(outputs, states, strict=True)]
+            timing["forward_s"] += time.perf_counter() - t0
+            for name, lin in linears.items():
+                lin.weight.data = originals[name]
+            handle.release_block(index)
+            changed = sum(layer_stats[name].groups_changed for name in names)
+            total = sum(layer_stats[name].groups for name in names)
+            log.info("block %d/%d: %d layers, %d input(s), %.1f%% groups changed, %.1fs", index + 1,
+                     len(handle.layers), len(names), len(groups), 100.0 * changed / max(total, 1),
+                     time.perf_counter() - t_block)
+    missing = [t for t in targets if t not in masks]
+    assert not missing, f"targets outside the decoder blocks were not visited: {missing[:4]}"
+    return masks, _summary(options, layer_stats, timing, split, starts)
+
+
+def _summary(options: SwapOptions, layer_stats: dict[str, SearchStats], timing: dict, split: RowSplit,
+             starts: _Starts) -> dict:
+    groups = sum(s.groups for s in layer_stats.values())
+    changed = sum(s.groups_changed for s in layer_stats.values())
+    sweeps = [k for s in layer_stats.values() for k in s.chunk_sweeps]
+    return {
+        "start": options.start,
+        "start_source": starts.source_info,
+        "calib_mode": options.calib,
+        "max_sweeps": options.search.max_sweeps,
+        "tol": options.search.tol,
+        "row_chunk": options.search.row_chunk,
+        "blocksize": options.search.blocksize,
+        "exhaustive_limit": options.search.exhaustive_limit,
+        "ranks": split.world,
+        "groups": groups,
+        "groups_changed": changed,
+        "groups_changed_fraction": round(changed / max(groups, 1), 6),
+        "sweeps_max": max(sweeps, default=0),
+        "sweeps_mean": round(sum(sweeps) / max(len(sweeps), 1), 3),
+        "timing_s": {k: round(v, 3) for k, v in timing.items()},
+        # Per layer: objective at the start and at the end (H scaled as the per-token mean of 2xxᵀ), sweeps.
+        "layers": {name: {"objective": [s.objective[0], s.objective[-1]], "changed": s.groups_changed,
+                          "sweeps": max(s.chunk_sweeps, default=0)} for name, s in layer_stats.items()},
+    }
+
+
+def run_swap(handle: ModelHandle, tokens: torch.Tensor, targets: list[str], n: int, m: int, spec) -> tuple[dict, dict]:
+    """The ``--method swap`` branch of make.py: options from the PriorSpec, ranks from the launcher."""
+    options = SwapOptions(
+        start=spec.swap_start, calib=spec.swap_calib,
+        search=SearchConfig(max_sweeps=spec.swap_sweeps, tol=spec.swap_tol, row_chunk=spec.swap_row_chunk),
+        sparsegpt_blocksize=spec.blocksize, sparsegpt_percdamp=spec.percdamp,
+    )
+    options.check(m)  # before joining a process group: a bad option fails every rank alike, at once
+    split = RowSplit.from_launcher()
+    try:
+        return swap_masks(handle, tokens, targets, n, m, options, split, batch_size=spec.batch_size)
+    finally:
+        split.close()
