@@ -210,7 +210,7 @@ def swap_masks(
     shapes = {t: tuple(handle.model.get_submodule(t).weight.shape) for t in targets}
     starts = _Starts(options, n, m, shapes)
     masks: dict[str, torch.Tensor] = {}
-    layer_stats: dict[str, SearchStats] = {}
+    input_stats: dict[str, SearchStats] = {}  # per distinct input, named by the Linears reading it
     timing = {"forward_s": 0.0, "start_s": 0.0, "search_s": 0.0}
     sequential = options.calib == "sequential"
     with torch.no_grad():
@@ -238,13 +238,13 @@ def swap_masks(
                     weight = originals[name].float()
                     layers[name] = (weight, starts.mask(name, weight, stats))
                 t2 = time.perf_counter()
-                found = split.search(layers, stats.hessian.h, n, m, options.search)
+                found, input_stats["+".join(group)] = split.search(layers, stats.hessian.h, n, m, options.search)
                 timing["forward_s"] += t1 - t0
                 timing["start_s"] += t2 - t1
                 timing["search_s"] += time.perf_counter() - t2
                 del stats  # one H at a time
-                for name, (mask, st) in found.items():
-                    masks[name], layer_stats[name] = mask.cpu(), st
+                for name, mask in found.items():
+                    masks[name] = mask.cpu()
                     if sequential:  # later inputs of this block see the searched mask
                         linears[name].weight.data = torch.where(mask, originals[name], 0)
             t0 = time.perf_counter()
@@ -256,21 +256,22 @@ def swap_masks(
             for name, lin in linears.items():
                 lin.weight.data = originals[name]
             handle.release_block(index)
-            changed = sum(layer_stats[name].groups_changed for name in names)
-            total = sum(layer_stats[name].groups for name in names)
+            block_stats = [input_stats["+".join(group)] for group in groups]
+            changed = sum(st.groups_changed for st in block_stats)
+            total = sum(st.groups for st in block_stats)
             log.info("block %d/%d: %d layers, %d input(s), %.1f%% groups changed, %.1fs", index + 1,
                      len(handle.layers), len(names), len(groups), 100.0 * changed / max(total, 1),
                      time.perf_counter() - t_block)
     missing = [t for t in targets if t not in masks]
     assert not missing, f"targets outside the decoder blocks were not visited: {missing[:4]}"
-    return masks, _summary(options, layer_stats, timing, split, starts)
+    return masks, _summary(options, input_stats, timing, split, starts)
 
 
-def _summary(options: SwapOptions, layer_stats: dict[str, SearchStats], timing: dict, split: RowSplit,
+def _summary(options: SwapOptions, input_stats: dict[str, SearchStats], timing: dict, split: RowSplit,
              starts: _Starts) -> dict:
-    groups = sum(s.groups for s in layer_stats.values())
-    changed = sum(s.groups_changed for s in layer_stats.values())
-    sweeps = [k for s in layer_stats.values() for k in s.chunk_sweeps]
+    groups = sum(s.groups for s in input_stats.values())
+    changed = sum(s.groups_changed for s in input_stats.values())
+    sweeps = [k for s in input_stats.values() for k in s.chunk_sweeps]
     return {
         "start": options.start,
         "start_source": starts.source_info,
@@ -287,9 +288,10 @@ def _summary(options: SwapOptions, layer_stats: dict[str, SearchStats], timing: 
         "sweeps_max": max(sweeps, default=0),
         "sweeps_mean": round(sum(sweeps) / max(len(sweeps), 1), 3),
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
-        # Per layer: objective at the start and at the end (H scaled as the per-token mean of 2xxᵀ), sweeps.
-        "layers": {name: {"objective": [s.objective[0], s.objective[-1]], "changed": s.groups_changed,
-                          "sweeps": max(s.chunk_sweeps, default=0)} for name, s in layer_stats.items()},
+        # Per distinct input (the Linears reading it, joined by "+"): the summed objective before the
+        # first sweep and after each sweep (H is the per-token mean of 2xxᵀ), groups changed per sweep.
+        "inputs": {name: {"objective": s.objective, "changed_per_sweep": s.changed, "groups": s.groups,
+                          "groups_changed": s.groups_changed} for name, s in input_stats.items()},
     }
 
 

@@ -1,9 +1,9 @@
 """The swap prior's row split: each rank searches some row chunks of a Linear against the same H.
 
 The search (masks/local_search.py) treats rows in fixed chunks of ``row_chunk`` rows, and a chunk's
-result depends only on its own rows and H. So the chunks of the Linears that share one H (q/k/v,
-gate/up) are dealt out to the ranks, each rank searches its own, and every rank then receives the
-others' chunks as packed bits (one broadcast per rank). Every chunk is searched with tensors of the
+result depends only on its own rows and H. So the rows of the Linears that share one H (q/k/v,
+gate/up) are stacked, cut into chunks, and the chunks are dealt out to the ranks; each rank searches
+its own, and every rank then receives the others' chunks as packed bits (one broadcast per rank). Every chunk is searched with tensors of the
 same shapes whatever the rank count, so 1, 2 or 64 ranks give the same bits, given the same H.
 
 Every rank computes that H itself from the full calibration set (the forwards are duplicated, the
@@ -74,28 +74,34 @@ class RowSplit:
         n: int,
         m: int,
         config: SearchConfig,
-    ) -> dict[str, tuple[torch.Tensor, SearchStats]]:
-        """Search every layer of ``layers`` (name -> (weight, starting mask)) that reads the input
-        whose H is ``hessian``; every rank returns every layer's full mask and stats."""
-        chunks = [(name, r0, r1) for name, (w, _) in layers.items() for r0, r1 in row_chunks(w.shape[0], config.row_chunk)]
-        owner = self.owners([r1 - r0 for _, r0, r1 in chunks])
-        found: dict[int, tuple[torch.Tensor, SearchStats]] = {}
-        for index, (name, r0, r1) in enumerate(chunks):
-            if owner[index] == self.rank:
-                w, start = layers[name]
-                found[index] = local_search(w[r0:r1], hessian, start[r0:r1], n, m, config)
-        if self.world > 1:
-            found = self._exchange(chunks, owner, found, layers, m)
-        out: dict[str, tuple[torch.Tensor, SearchStats]] = {}
-        for index, (name, r0, r1) in enumerate(chunks):  # chunk order: stats fold the same on any rank count
-            mask, stats = found[index]
-            if name not in out:
-                out[name] = (torch.empty_like(layers[name][1]), SearchStats())
-            out[name][0][r0:r1] = mask.to(out[name][0].device)
-            out[name][1].add(stats)
-        return out
+    ) -> tuple[dict[str, torch.Tensor], SearchStats]:
+        """Search the Linears that read the input whose H is ``hessian`` (name -> (weight, starting
+        mask)); every rank returns every layer's full mask, and the stats of the whole search.
 
-    def _exchange(self, chunks, owner, found, layers, m) -> dict[int, tuple[torch.Tensor, SearchStats]]:
+        Their rows are stacked (q, k, v: 576 + 192 + 192 rows on SmolLM2) and cut into chunks of
+        ``row_chunk``: fewer, fuller chunks than layer by layer, and a chunk may span two layers."""
+        weight = torch.cat([w for w, _ in layers.values()])
+        start = torch.cat([s for _, s in layers.values()])
+        chunks = row_chunks(weight.shape[0], config.row_chunk)
+        owner = self.owners([r1 - r0 for r0, r1 in chunks])
+        found: dict[int, tuple[torch.Tensor, SearchStats]] = {}
+        for index, (r0, r1) in enumerate(chunks):
+            if owner[index] == self.rank:
+                found[index] = local_search(weight[r0:r1], hessian, start[r0:r1], n, m, config)
+        if self.world > 1:
+            found = self._exchange(chunks, owner, found, weight.shape[1])
+        mask = torch.empty_like(start)
+        stats = SearchStats()
+        for index, (r0, r1) in enumerate(chunks):  # chunk order: stats fold the same on any rank count
+            mask[r0:r1] = found[index][0].to(mask.device)
+            stats.add(found[index][1])
+        out, r0 = {}, 0
+        for name, (w, _) in layers.items():
+            out[name] = mask[r0 : r0 + w.shape[0]]
+            r0 += w.shape[0]
+        return out, stats
+
+    def _exchange(self, chunks, owner, found, cols: int) -> dict[int, tuple[torch.Tensor, SearchStats]]:
         """Every rank broadcasts its chunks' masks (packed bits, in chunk order) and stats."""
         import deepspeed.comm as dist
 
@@ -106,8 +112,7 @@ class RowSplit:
             mine = [i for i in range(len(chunks)) if owner[i] == src]
             if not mine:
                 continue
-            cols = {i: layers[chunks[i][0]][0].shape[1] for i in mine}
-            sizes = [(chunks[i][2] - chunks[i][1]) * ((cols[i] + 7) // 8) for i in mine]
+            sizes = [(chunks[i][1] - chunks[i][0]) * ((cols + 7) // 8) for i in mine]
             if src == self.rank:
                 buf = torch.cat([pack_bits(found[i][0].cpu()).reshape(-1) for i in mine])
                 stats = [found[i][1] for i in mine]
@@ -118,8 +123,7 @@ class RowSplit:
             stats = broadcast_object(stats, src=src)
             if src != self.rank:
                 for i, piece, st in zip(mine, buf.split(sizes), stats, strict=True):
-                    rows = chunks[i][2] - chunks[i][1]
-                    result[i] = (unpack_bits(piece.view(rows, -1), cols[i]), st)
+                    result[i] = (unpack_bits(piece.view(chunks[i][1] - chunks[i][0], -1), cols), st)
         return result
 
     def close(self) -> None:

@@ -38,5 +38,5 @@ def test_two_ranks_write_the_same_mask_bytes_as_one_process(tmp_path, calib):
     assert (tmp_path / "one" / "masks.safetensors").read_bytes() == (tmp_path / "two" / "masks.safetensors").read_bytes()
     assert one.meta["swap"]["ranks"] == 1 and two.meta["swap"]["ranks"] == 2
     assert one.meta["swap"]["groups_changed"] == two.meta["swap"]["groups_changed"] > 0
-    assert one.meta["swap"]["layers"] == two.meta["swap"]["layers"]  # stats fold in chunk order on any rank count
+    assert one.meta["swap"]["inputs"] == two.meta["swap"]["inputs"]  # stats fold in chunk order on any rank count
     assert not list(tmp_path.glob(".tmp-*"))

@@ -86,18 +86,23 @@ def direct_swap(tiny, start: str, calib: str, config: SearchConfig) -> dict[str,
                 for batch in tokens.split(BATCH):
                     model(input_ids=batch, use_cache=False)
             hook.remove()
+            starts = []
             for name in names:
                 w = originals[name + ".weight"]
                 if start == "wanda":
-                    first = topn_mask(wanda_scores(w, column.sumsq), N, M)
+                    starts.append(topn_mask(wanda_scores(w, column.sumsq), N, M))
                 elif start == "sparsegpt":
-                    first = sparsegpt_prune(w, hessian.h, N, M)[0]
+                    starts.append(sparsegpt_prune(w, hessian.h, N, M)[0])
                 else:
-                    first = magnitude_prior(w, N, M)
-                masks[name], _ = local_search(w, hessian.h, first, N, M, config)
+                    starts.append(magnitude_prior(w, N, M))
+            # The Linears reading this input are searched as one stack of rows.
+            weights = [originals[name + ".weight"] for name in names]
+            found, _ = local_search(torch.cat(weights), hessian.h, torch.cat(starts), N, M, config)
+            for name, part in zip(names, found.split([w.shape[0] for w in weights]), strict=True):
+                masks[name] = part
                 if calib == "sequential":
                     with torch.no_grad():
-                        model.get_submodule(name).weight.copy_(torch.where(masks[name], w, 0))
+                        model.get_submodule(name).weight.copy_(torch.where(part, originals[name + ".weight"], 0))
     return masks
 
 
@@ -112,8 +117,9 @@ def test_swap_equals_a_direct_computation_on_the_full_model(tiny, tmp_path, star
     info = meta["swap"]
     assert info["start"] == start and info["calib_mode"] == calib and info["ranks"] == 1
     assert 0 < info["groups_changed"] < info["groups"] == sum(m.numel() // M for m in got.values())
-    for name, layer in info["layers"].items():
-        assert layer["objective"][1] <= layer["objective"][0], name
+    assert len(info["inputs"]) == 8  # 2 blocks x (q/k/v, o, gate/up, down)
+    for name, stats in info["inputs"].items():
+        assert all(b <= a for a, b in zip(stats["objective"], stats["objective"][1:], strict=False)), name
 
 
 def test_the_two_modes_differ_and_both_beat_their_start(tiny, tmp_path):
@@ -194,9 +200,9 @@ def test_start_from_a_mask_artifact_or_a_pruned_checkpoint(tiny, tmp_path):
 def test_searched_masks_lower_the_layer_objective_on_dense_activations(tiny, tmp_path):
     got, meta = compute_prior(_spec(tiny, tmp_path, swap_start="magnitude", swap_sweeps=8))
     start = {n: magnitude_prior(open_causal_lm(tiny[0], lazy=True).weight(n), N, M) for n in got}
-    for name, layer in meta["swap"]["layers"].items():
-        assert layer["objective"][1] < 0.95 * layer["objective"][0], name
-        assert not torch.equal(got[name], start[name])
+    for name, stats in meta["swap"]["inputs"].items():
+        assert stats["objective"][-1] < 0.95 * stats["objective"][0], name
+    assert all(not torch.equal(got[name], start[name]) for name in got)
 
 
 def test_cli_writes_the_artifact_and_reports_bad_options(tiny, tmp_path, capsys):
