@@ -20,7 +20,7 @@ so each candidate is a few flops per row. Candidates:
 The current pattern stays unless a candidate is strictly cheaper; among equally cheap candidates the
 lower pattern index (``itertools.combinations`` order) wins, so the search is deterministic.
 
-G is maintained like SparseGPT's lazy batches: inside a block of ``blocksize`` columns every change
+G = Z H is maintained like SparseGPT's lazy batches: inside a block of ``blocksize`` columns every change
 is applied exactly to the rest of the block (a [rows, M] x [M, block] product), and the block's total
 change reaches the columns after it with one matmul. G is recomputed from Z at the start of every
 sweep, so rounding never accumulates across sweeps. A sweep costs about 1.5 · rows · cols² multiply-
@@ -49,7 +49,7 @@ class SearchConfig:
     max_sweeps: int = 5
     tol: float = 1e-3  # stop a chunk when a sweep improves its objective by less than this fraction
     blocksize: int = 128  # columns per lazy G update; a multiple of M
-    row_chunk: int = 512  # rows searched together; the unit of the row split over ranks
+    row_chunk: int = 1024  # rows searched together; the unit of the row split over ranks
     exhaustive_limit: int = 70  # largest C(M, N) searched exhaustively; above it, pairwise swaps
 
     def check(self, m: int) -> None:
@@ -158,7 +158,11 @@ def local_search(
 
 
 class _ChunkSearch:
-    """The sweeps over one chunk of rows; holds what every chunk of the layer shares (H, patterns)."""
+    """The sweeps over one chunk of rows; holds what every chunk of the layer shares (H, patterns).
+
+    Everything is kept transposed, rows innermost (Wᵀ, Zᵀ, Gᵀ = H Zᵀ: [cols, rows]): every
+    per-group operation then runs over contiguous vectors of rows. With rows outermost the same
+    operations walk [rows, M] slices with a stride, several times slower on CPU."""
 
     def __init__(self, hessian: torch.Tensor, n: int, m: int, config: SearchConfig):
         self.h, self.n, self.m, self.config = hessian, n, m, config
@@ -168,139 +172,134 @@ class _ChunkSearch:
         # H_gg of every group: [groups, M, M].
         self.h_groups = hessian.reshape(cols // m, m, cols // m, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         if self.exhaustive:
-            kept = kept_patterns(n, m).to(hessian.device)
-            self.pruned = (~kept).to(self.dtype)  # [K, M]: 1 where the pattern prunes
+            self.kept = kept_patterns(n, m).to(hessian.device)  # [K, M]
+            self.pruned = (~self.kept).to(self.dtype)  # [K, M]: 1 where the pattern prunes
+            self.pruned_t = self.pruned.T.contiguous()  # [M, K]
             # q_p q_pᵀ per pattern, flattened: the quadratic term is Σ_jk (w_j w_k H_jk) q_pj q_pk.
-            self.pair = (self.pruned.unsqueeze(2) * self.pruned.unsqueeze(1)).reshape(len(kept), m * m)
-            self.kept = kept
+            self.pair = (self.pruned.unsqueeze(2) * self.pruned.unsqueeze(1)).reshape(len(self.kept), m * m)
 
     # ---- one chunk -------------------------------------------------------------------------
     def run(self, weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, SearchStats]:
-        w = weight.to(self.dtype)
-        rows, cols = w.shape
-        keep = mask.clone()
-        stats = SearchStats(groups=rows * cols // self.m)
-        # Exhaustive: the pattern index of every group, [rows, groups]. Two N-hot rows match iff their
-        # dot product is N (exact in floating point for 0/1 values).
+        m = self.m
+        rows, cols = weight.shape
+        wt = weight.to(self.dtype).T.contiguous()  # [cols, rows]
+        keep = mask.T.contiguous()
+        stats = SearchStats(groups=rows * cols // m)
+        # Exhaustive: the pattern index of every group, [groups, rows]. Two N-hot vectors match iff
+        # their dot product is N (exact in floating point for 0/1 values).
         pattern = None
         if self.exhaustive:
-            match = keep.reshape(rows, -1, self.m).to(self.dtype) @ self.kept.to(self.dtype).T
-            pattern = (match == self.n).to(torch.uint8).argmax(dim=2)
+            match = torch.einsum("km,gmr->gkr", self.kept.to(self.dtype), keep.view(-1, m, rows).to(self.dtype))
+            index = torch.arange(len(self.kept), dtype=self.dtype, device=wt.device)
+            pattern = torch.einsum("gkr,k->gr", (match == self.n).to(self.dtype), index).long()
         f = None
         for _ in range(self.config.max_sweeps):
-            z = torch.where(keep, 0.0, w)
-            g = z @ self.h
+            zt = torch.where(keep, 0.0, wt)
+            gt = self.h @ zt  # H is symmetric: Gᵀ = H Zᵀ
             if f is None:
-                f = float((g * z).sum(dtype=torch.float64))
+                f = float((gt * zt).sum(dtype=torch.float64))
                 stats.objective.append(f)
             if self.exhaustive:
-                gain, changed = self._sweep_exhaustive(w, z, g, keep, pattern)
+                gain, changed = self._sweep_exhaustive(wt, zt, gt, keep, pattern)
             else:
-                gain, changed = self._sweep_pairwise(w, z, g, keep)
+                gain, changed = self._sweep_pairwise(wt, zt, gt, keep)
             f = f + gain  # gain <= 0: the sum of the accepted changes of f
             stats.objective.append(f)
             stats.changed.append(changed)
             previous = stats.objective[-2]
             if changed == 0 or previous <= 0 or -gain < self.config.tol * previous:
                 break
+        out = keep.T.contiguous()
         if f is None:  # max_sweeps == 0
-            stats.objective.append(float(objective(w, self.h, keep).double()))
+            stats.objective.append(float(objective(weight, self.h, out).double()))
         stats.chunk_sweeps.append(len(stats.changed))
-        stats.groups_changed = int((keep != mask).reshape(rows, -1, self.m).any(dim=-1).sum())
-        return keep, stats
+        stats.groups_changed = int((out != mask).reshape(rows, -1, m).any(dim=-1).sum())
+        return out, stats
 
-    def _sweep_exhaustive(self, w, z, g, keep, pattern) -> tuple[float, int]:
-        """One pass over all groups, best of the C(M,N) patterns each; updates g, keep and pattern
-        (z is left as it was at the start of the sweep: the next sweep rebuilds it from keep)."""
-        m, rows, cols = self.m, w.shape[0], w.shape[1]
-        pruned_t = self.pruned.T.contiguous()
+    def _sweep_exhaustive(self, wt, zt, gt, keep, pattern) -> tuple[float, int]:
+        """One pass over all groups, best of the C(M,N) patterns each; updates gt, keep and pattern
+        (zt is left as it was at the start of the sweep: the next sweep rebuilds it from keep)."""
+        m, cols, rows = self.m, wt.shape[0], wt.shape[1]
         gain = torch.zeros((), dtype=torch.float64)
         changed = torch.zeros((), dtype=torch.int64)
         for b0 in range(0, cols, self.config.blocksize):
             b1 = min(b0 + self.config.blocksize, cols)
             nb, g0 = (b1 - b0) // m, b0 // m
-            wb = w[:, b0:b1].reshape(rows, nb, m)
-            zb = z[:, b0:b1].reshape(rows, nb, m)
+            wb, zb = wt[b0:b1].view(nb, m, rows), zt[b0:b1].view(nb, m, rows)
             hgg = self.h_groups[g0 : g0 + nb]  # [nb, M, M]
-            # Quadratic term of every pattern of every group in the block: [rows, nb, K].
-            ww = (wb.unsqueeze(3) * wb.unsqueeze(2)).reshape(rows, nb, m * m)
-            quad = torch.einsum("rgx,gpx->rgp", ww, hgg.reshape(nb, 1, m * m) * self.pair.unsqueeze(0))
+            # Quadratic term of every pattern of every group in the block: [nb, K, rows].
+            ww = (wb.unsqueeze(2) * wb.unsqueeze(1)).reshape(nb, m * m, rows)
+            quad = torch.bmm(hgg.reshape(nb, 1, m * m) * self.pair.unsqueeze(0), ww)
             # a_g = (H z_{-g})_g, the pull of the rest of the row on group g; kept exact inside the
             # block as groups change, so each group sees every earlier change of this sweep.
-            a_flat = (g[:, b0:b1].reshape(rows, nb, m) - torch.einsum("rgj,gjk->rgk", zb, hgg)).reshape(rows, -1)
-            a_groups = a_flat.view(rows, nb, m).unbind(1)
-            # Group-major copies: every per-group operand below is a contiguous [rows, *] tensor.
-            w_groups = wb.transpose(0, 1).contiguous().unbind(0)
-            z_groups = zb.transpose(0, 1).contiguous().unbind(0)
-            quad_groups = quad.transpose(0, 1).contiguous().unbind(0)
-            two_w = (2.0 * wb).transpose(0, 1).contiguous().unbind(0)
-            pat = pattern[:, g0 : g0 + nb]
-            gain_block = torch.empty(rows, nb, dtype=self.dtype)
-            delta_block = torch.empty(rows, b1 - b0, dtype=self.dtype)
+            at = (gt[b0:b1].view(nb, m, rows) - torch.bmm(hgg, zb)).view(b1 - b0, rows)
+            two_w = 2.0 * wb
+            pat = pattern[g0 : g0 + nb]  # [nb, rows]
+            gain_block = torch.empty(nb, rows, dtype=self.dtype)
+            delta_block = torch.empty(b1 - b0, rows, dtype=self.dtype)
             for i in range(nb):
                 c = b0 + i * m
-                cost = torch.addmm(quad_groups[i], two_w[i] * a_groups[i], pruned_t)  # [rows, K]
-                cur = pat[:, i : i + 1]
-                best_cost, best = cost.min(dim=1, keepdim=True)  # first index among equal minima
-                diff = best_cost - cost.gather(1, cur)  # <= 0; exactly 0 when the current one is best
-                new = torch.where(diff < 0, best, cur)
-                delta = torch.mul(w_groups[i], self.pruned[new[:, 0]]) - z_groups[i]
+                cost = torch.addmm(quad[i], self.pruned, two_w[i] * at[c - b0 : c - b0 + m])  # [K, rows]
+                cur = pat[i : i + 1]
+                best_cost, best = cost.min(dim=0, keepdim=True)  # first index among equal minima
+                # <= 0; exactly 0 when the current pattern is among the best: then it stays.
+                diff = torch.sub(best_cost, cost.gather(0, cur), out=gain_block[i : i + 1])
+                torch.where(diff < 0, best, cur, out=cur)
+                delta = delta_block[c - b0 : c + m - b0]
+                torch.mul(wb[i], self.pruned_t.index_select(1, cur[0]), out=delta).sub_(zb[i])  # [M, rows]
                 if c + m < b1:
-                    a_flat[:, c + m - b0 :].addmm_(delta, self.h[c : c + m, c + m : b1])
-                delta_block[:, c - b0 : c + m - b0] = delta
-                pat[:, i : i + 1] = new
-                gain_block[:, i : i + 1] = diff
+                    at[c + m - b0 :].addmm_(self.h[c + m : b1, c : c + m], delta)
             if b1 < cols:
-                g[:, b1:].addmm_(delta_block, self.h[b0:b1, b1:])
-            keep[:, b0:b1] = self.kept[pat].reshape(rows, b1 - b0)
+                gt[b1:].addmm_(self.h[b1:, b0:b1], delta_block)
+            keep[b0:b1] = self.kept[pat].permute(0, 2, 1).reshape(b1 - b0, rows)
             gain += gain_block.sum(dtype=torch.float64)
             changed += (gain_block < 0).sum()
         return float(gain), int(changed)
 
-    def _sweep_pairwise(self, w, z, g, keep) -> tuple[float, int]:
+    def _sweep_pairwise(self, wt, zt, gt, keep) -> tuple[float, int]:
         """One pass over all groups, up to min(N, M−N) best kept/pruned swaps each (large M)."""
-        m, rows, cols = self.m, w.shape[0], w.shape[1]
+        m, cols, rows = self.m, wt.shape[0], wt.shape[1]
         swaps = min(self.n, m - self.n)
         gain = torch.zeros((), dtype=torch.float64)
         changed = torch.zeros((), dtype=torch.int64)
         inf = torch.tensor(float("inf"), dtype=self.dtype)
+        columns = torch.arange(rows, device=wt.device)
         for b0 in range(0, cols, self.config.blocksize):
             b1 = min(b0 + self.config.blocksize, cols)
-            delta_block = torch.zeros(rows, b1 - b0, dtype=self.dtype)
+            delta_block = torch.empty(b1 - b0, rows, dtype=self.dtype)
             for c in range(b0, b1, m):
                 hgg = self.h_groups[c // m]
-                wg, kg = w[:, c : c + m], keep[:, c : c + m]
-                zg_start = z[:, c : c + m].clone()
-                ag = g[:, c : c + m].clone()  # (Hz)_g, kept exact inside the group below
-                diag = torch.diagonal(hgg)
+                wg, kg, zg = wt[c : c + m], keep[c : c + m], zt[c : c + m]
+                zg_start = zg.clone()
+                ag = gt[c : c + m].clone()  # (Hz)_g, kept exact inside the group below
+                wsq_diag = wg * wg * torch.diagonal(hgg).unsqueeze(1)
                 # Swap i (kept -> pruned) and j (pruned -> kept): δ = w_i e_i − w_j e_j,
-                # Δf = 2 δ·(Hz)_g + δᵀ H_gg δ = A_i + B_j − 2 w_i w_j H_ij.
-                cross = -2.0 * (wg.unsqueeze(2) * wg.unsqueeze(1)) * hgg
+                # Δf = 2 δ·(Hz)_g + δᵀ H_gg δ = A_i + B_j − 2 w_i w_j H_ij.   [i, j, rows]
+                cross = -2.0 * (wg.unsqueeze(1) * wg.unsqueeze(0)) * hgg.unsqueeze(2)
                 any_swap = torch.zeros(rows, dtype=torch.bool)
                 for _ in range(swaps):
-                    a_i = 2.0 * wg * ag + wg * wg * diag
-                    b_j = -2.0 * wg * ag + wg * wg * diag
-                    dfs = a_i.unsqueeze(2) + b_j.unsqueeze(1) + cross
-                    valid = kg.unsqueeze(2) & ~kg.unsqueeze(1)
-                    dfs = torch.where(valid, dfs, inf).reshape(rows, m * m)
-                    best_df, best = dfs.min(dim=1)
+                    a_i = 2.0 * wg * ag + wsq_diag
+                    b_j = -2.0 * wg * ag + wsq_diag
+                    dfs = a_i.unsqueeze(1) + b_j.unsqueeze(0) + cross
+                    valid = kg.unsqueeze(1) & ~kg.unsqueeze(0)
+                    dfs = torch.where(valid, dfs, inf).reshape(m * m, rows)
+                    best_df, best = dfs.min(dim=0)  # first (i, j) in row-major order among equal minima
                     take = best_df < 0
                     if not bool(take.any()):
                         break
-                    i, j = best // m, best % m
-                    rows_t = torch.nonzero(take).squeeze(1)
-                    kg[rows_t, i[rows_t]] = False
-                    kg[rows_t, j[rows_t]] = True
+                    sel = columns[take]
+                    kg[best[take] // m, sel] = False
+                    kg[best[take] % m, sel] = True
                     new_zg = torch.where(kg, 0.0, wg)
-                    ag += (new_zg - z[:, c : c + m]) @ hgg
-                    z[:, c : c + m] = new_zg
+                    ag += hgg @ (new_zg - zg)
+                    zg.copy_(new_zg)
                     gain += torch.where(take, best_df, 0.0).sum(dtype=torch.float64)
                     any_swap |= take
-                delta = z[:, c : c + m] - zg_start
+                delta = zg - zg_start
                 if c + m < b1:
-                    g[:, c + m : b1] += delta @ self.h[c : c + m, c + m : b1]
-                delta_block[:, c - b0 : c - b0 + m] = delta
+                    gt[c + m : b1] += self.h[c + m : b1, c : c + m] @ delta
+                delta_block[c - b0 : c + m - b0] = delta
                 changed += any_swap.sum()
             if b1 < cols:
-                g[:, b1:] += delta_block @ self.h[b0:b1, b1:]
+                gt[b1:].addmm_(self.h[b1:, b0:b1], delta_block)
         return float(gain), int(changed)

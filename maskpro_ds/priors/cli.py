@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap: stop when a sweep lowers the objective by less than this fraction (default 1e-3)")
     p.add_argument("--swap-calib", default="dense", choices=("dense", "sequential"),
                    help="swap: activations of the dense model (default) or of the already-masked one")
-    p.add_argument("--swap-row-chunk", type=int, default=512,
-                   help="swap: rows searched together, the unit of the split over ranks (default 512)")
+    p.add_argument("--swap-row-chunk", type=int, default=1024,
+                   help="swap: rows searched together, the unit of the split over ranks (default 1024)")
     return p
 
 

@@ -60,7 +60,7 @@ class PriorSpec:
     swap_sweeps: int = 5
     swap_tol: float = 1e-3
     swap_calib: str = "dense"
-    swap_row_chunk: int = 512
+    swap_row_chunk: int = 1024
 
 
 def _calibration(spec: PriorSpec, tokenizer) -> tuple[torch.Tensor, dict]:

@@ -169,6 +169,16 @@ class _Starts:
         return mask
 
 
+def _search_weight(handle: ModelHandle, name: str, loaded: torch.Tensor) -> torch.Tensor:
+    """The weight the search scores masks against, fp32: the ORIGINAL one the mask will be applied to.
+
+    Lazy mode reads it from the files, so a bf16 forward (``--dtype bf16``, ~3.5x faster on CPU)
+    still searches against the full-precision weights; eager mode has only the loaded copy."""
+    if handle.files is not None and name + ".weight" in handle.files:
+        return handle.files.get(name + ".weight").to(device=loaded.device, dtype=torch.float32)
+    return loaded.float()
+
+
 def _masks_from_path(path: Path, shapes: dict[str, tuple[int, int]], n: int, m: int) -> tuple[dict, dict]:
     """Starting masks from a mask artifact directory or a pruned checkpoint directory."""
     from maskpro_ds.artifacts import MASK_MANIFEST, read_mask_artifact
@@ -235,7 +245,7 @@ def swap_masks(
                 t1 = time.perf_counter()
                 layers = {}
                 for name in group:
-                    weight = originals[name].float()
+                    weight = _search_weight(handle, name, originals[name])
                     layers[name] = (weight, starts.mask(name, weight, stats))
                 t2 = time.perf_counter()
                 found, input_stats["+".join(group)] = split.search(layers, stats.hessian.h, n, m, options.search)
