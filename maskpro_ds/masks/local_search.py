@@ -132,12 +132,15 @@ def local_search(
     m: int,
     config: SearchConfig | None = None,
     chunks: list[tuple[int, int]] | None = None,
+    linear: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SearchStats]:
     """Search from ``mask`` (strict N:M, bool [rows, cols]); returns (new mask, stats).
 
     The arithmetic is in ``hessian``'s dtype (fp32 in the prior, fp64 for reference checks).
     ``chunks`` restricts the search to some row ranges of :func:`row_chunks` (a rank's share);
-    rows outside them keep the starting mask.
+    rows outside them keep the starting mask. ``linear`` (B, [rows, cols]) adds a linear term:
+    f = Σ_r z_rᵀ H z_r − 2 b_rᵀ z_r, the objective when the target is not the layer's own output on
+    the same inputs (priors/swap.py, ``--swap-target dense``).
     """
     config = config or SearchConfig()
     config.check(m)
@@ -148,11 +151,14 @@ def local_search(
     counts = mask.reshape(rows, -1, m).sum(dim=-1)
     if bool((counts != n).any()):
         raise ValueError(f"local_search: the starting mask is not strict {n}:{m}")
+    if linear is not None and tuple(linear.shape) != (rows, cols):
+        raise ValueError(f"local_search: linear term {tuple(linear.shape)} does not match weight {(rows, cols)}")
     out = mask.clone()
     stats = SearchStats()
     searcher = _ChunkSearch(hessian, n, m, config)
     for r0, r1 in chunks if chunks is not None else row_chunks(rows, config.row_chunk):
-        out[r0:r1], chunk_stats = searcher.run(weight[r0:r1], mask[r0:r1])
+        b = None if linear is None else linear[r0:r1]
+        out[r0:r1], chunk_stats = searcher.run(weight[r0:r1], mask[r0:r1], b)
         stats.add(chunk_stats)
     return out, stats
 
@@ -179,10 +185,12 @@ class _ChunkSearch:
             self.pair = (self.pruned.unsqueeze(2) * self.pruned.unsqueeze(1)).reshape(len(self.kept), m * m)
 
     # ---- one chunk -------------------------------------------------------------------------
-    def run(self, weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, SearchStats]:
+    def run(self, weight: torch.Tensor, mask: torch.Tensor,
+            linear: torch.Tensor | None = None) -> tuple[torch.Tensor, SearchStats]:
         m = self.m
         rows, cols = weight.shape
         wt = weight.to(self.dtype).T.contiguous()  # [cols, rows]
+        bt = None if linear is None else linear.to(self.dtype).T.contiguous()
         keep = mask.T.contiguous()
         stats = SearchStats(groups=rows * cols // m)
         # Exhaustive: the pattern index of every group, [groups, rows]. Two N-hot vectors match iff
@@ -192,26 +200,28 @@ class _ChunkSearch:
             match = torch.einsum("km,gmr->gkr", self.kept.to(self.dtype), keep.view(-1, m, rows).to(self.dtype))
             index = torch.arange(len(self.kept), dtype=self.dtype, device=wt.device)
             pattern = torch.einsum("gkr,k->gr", (match == self.n).to(self.dtype), index).long()
-        f = None
-        for _ in range(self.config.max_sweeps):
+        f, sweeps_left = None, self.config.max_sweeps
+        while True:
             zt = torch.where(keep, 0.0, wt)
             gt = self.h @ zt  # H is symmetric: Gᵀ = H Zᵀ
-            if f is None:
-                f = float((gt * zt).sum(dtype=torch.float64))
+            if bt is not None:
+                gt -= bt  # G = Z H − B: the group costs below then include the linear term
+            if f is None:  # f = Σ zᵀHz − 2 bᵀz = Σ z·(G − B)
+                f = float((zt * (gt if bt is None else gt - bt)).sum(dtype=torch.float64))
                 stats.objective.append(f)
+            if sweeps_left == 0:
+                break
             if self.exhaustive:
                 gain, changed = self._sweep_exhaustive(wt, zt, gt, keep, pattern)
             else:
                 gain, changed = self._sweep_pairwise(wt, zt, gt, keep)
-            f = f + gain  # gain <= 0: the sum of the accepted changes of f
+            sweeps_left -= 1
+            previous, f = f, f + gain  # gain <= 0: the sum of the accepted changes of f
             stats.objective.append(f)
             stats.changed.append(changed)
-            previous = stats.objective[-2]
-            if changed == 0 or previous <= 0 or -gain < self.config.tol * previous:
+            if changed == 0 or sweeps_left == 0 or -gain < self.config.tol * abs(previous):
                 break
         out = keep.T.contiguous()
-        if f is None:  # max_sweeps == 0
-            stats.objective.append(float(objective(weight, self.h, out).double()))
         stats.chunk_sweeps.append(len(stats.changed))
         stats.groups_changed = int((out != mask).reshape(rows, -1, m).any(dim=-1).sum())
         return out, stats

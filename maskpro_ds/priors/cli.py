@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap: stop when a sweep lowers the objective by less than this fraction (default 1e-3)")
     p.add_argument("--swap-calib", default="dense", choices=("dense", "sequential"),
                    help="swap: activations of the dense model (default) or of the already-masked one")
+    p.add_argument("--swap-target", default="own", choices=("own", "dense"),
+                   help="swap: reconstruct each layer's own output on its inputs (default), or with "
+                        "--swap-calib sequential the dense model's output")
     p.add_argument("--swap-row-chunk", type=int, default=1024,
                    help="swap: rows searched together, the unit of the split over ranks (default 1024)")
     return p
@@ -78,7 +81,7 @@ def _make(args: argparse.Namespace) -> int:
         dtype=args.dtype, load=args.load, device=args.device, batch_size=args.batch_size,
         blocksize=args.blocksize, percdamp=args.percdamp, force=args.force, swap_start=args.swap_start,
         swap_sweeps=args.swap_sweeps, swap_tol=args.swap_tol, swap_calib=args.swap_calib,
-        swap_row_chunk=args.swap_row_chunk,
+        swap_target=args.swap_target, swap_row_chunk=args.swap_row_chunk,
     )
     try:
         out = make_prior(spec)

@@ -60,6 +60,7 @@ class PriorSpec:
     swap_sweeps: int = 5
     swap_tol: float = 1e-3
     swap_calib: str = "dense"
+    swap_target: str = "own"
     swap_row_chunk: int = 1024
 
 

@@ -17,7 +17,9 @@ Calibration modes (``--swap-calib``):
   whole dense block and its outputs feed the next block (the cheaper mode: no extra forward);
 - ``sequential``: the activations of the already-masked model: earlier blocks and the earlier
   Linears of the same block run with their searched masks (W ⊙ m), and a last forward with the
-  whole block masked feeds the next block.
+  whole block masked feeds the next block. The target is the layer's own output on those inputs,
+  or with ``--swap-target dense`` the dense model's output on the dense inputs (a second stream of
+  activations runs beside, and the objective gains a linear term; _InputStats).
 
 Starting masks (``--swap-start``), computed in the same pass from the same activations:
 ``magnitude``, ``wanda`` (|W|·‖X_j‖₂), ``sparsegpt`` (its mask, from the same H), or a path: a mask
@@ -49,15 +51,17 @@ log = logging.getLogger(__name__)
 
 STARTS = ("magnitude", "wanda", "sparsegpt")
 CALIB_MODES = ("dense", "sequential")
+TARGETS = ("own", "dense")
 
 
 @dataclass
 class SwapOptions:
     """The swap prior's own options (CLI: --swap-start, --swap-sweeps, --swap-tol, --swap-calib,
-    --swap-row-chunk; SparseGPT's --blocksize/--percdamp apply to a sparsegpt start)."""
+    --swap-target, --swap-row-chunk; SparseGPT's --blocksize/--percdamp apply to a sparsegpt start)."""
 
     start: str = "wanda"
     calib: str = "dense"
+    target: str = "own"  # own: W X on the inputs the layer sees; dense: the dense model's output (sequential)
     search: SearchConfig = field(default_factory=SearchConfig)
     sparsegpt_blocksize: int = 128
     sparsegpt_percdamp: float = 0.01
@@ -68,6 +72,11 @@ class SwapOptions:
                              f"a pruned checkpoint); got {self.start!r}")
         if self.calib not in CALIB_MODES:
             raise ValueError(f"--swap-calib must be dense or sequential; got {self.calib!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"--swap-target must be own or dense; got {self.target!r}")
+        if self.target == "dense" and self.calib != "sequential":
+            raise ValueError("--swap-target dense needs --swap-calib sequential (with dense calibration the "
+                             "layer's own output on its inputs already is the dense model's)")
         self.search.check(m)
 
 
@@ -76,16 +85,29 @@ class _Stop(Exception):
 
 
 class _InputStats:
-    """H (and Wanda's column sums of squares when the start needs them) of one Linear input."""
+    """H of one Linear input, plus Wanda's column sums of squares when the start needs them, plus
+    D = (2/n) Σ x (x − x_dense)ᵀ when the target is the dense model's output (then the objective
+    gains the linear term −2 zᵀ D w: ‖X W̃ᵀ − X_dense Wᵀ‖² = zᵀHz − 2 zᵀ D w + const, W̃ = W ⊙ m)."""
 
-    def __init__(self, in_features: int, device, column_sums: bool):
+    def __init__(self, in_features: int, device, column_sums: bool, dense_target: bool):
         self.hessian = Hessian(in_features, device)
         self.column = ColumnSumSq(in_features, device) if column_sums else None
+        self.cross = torch.zeros(in_features, in_features, device=device) if dense_target else None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_dense: torch.Tensor | None = None) -> None:
+        if self.cross is not None:
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            d2 = x2 - x_dense.reshape(-1, x.shape[-1]).float()
+            seen, new = self.hessian.tokens, self.hessian.tokens + x2.shape[0]
+            self.cross *= seen / new  # the same running mean as H's
+            self.cross.addmm_(x2.t(), d2, alpha=2.0 / new)
         self.hessian.add(x)
         if self.column is not None:
             self.column.add(x)
+
+    def linear(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """B = W Dᵀ (rows b_r = D w_r), or None for the layer's own output as target."""
+        return None if self.cross is None else weight @ self.cross.T
 
 
 def input_groups(block: nn.Module, linears: dict[str, nn.Linear], first: tuple) -> list[list[str]]:
@@ -117,27 +139,30 @@ def input_groups(block: nn.Module, linears: dict[str, nn.Linear], first: tuple) 
     return groups
 
 
-def _stats_pass(block: nn.Module, leader: nn.Linear, states: list[tuple], stats: _InputStats,
-                keep_outputs: bool) -> list[torch.Tensor]:
-    """Run the block on every micro-batch while ``leader``'s input feeds ``stats``; stops the forward
-    at ``leader`` unless the block outputs are wanted (then returned)."""
+def _leader_input(block: nn.Module, leader: nn.Linear, hidden: torch.Tensor, kwargs: dict,
+                  whole: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the block on one micro-batch: ``leader``'s input, and the block's output when ``whole``
+    (otherwise the forward stops at ``leader``: the rest of the block is not needed)."""
+    seen: list[torch.Tensor] = []
 
     def hook(_module, args):
-        stats.add(args[0])
-        if not keep_outputs:
+        seen.append(args[0])
+        if not whole:
             raise _Stop
 
     handle = leader.register_forward_pre_hook(hook)
-    outputs = []
     try:
-        for hidden, kwargs in states:
-            try:
-                outputs.append(_block_forward(block, hidden, kwargs))
-            except _Stop:
-                pass
+        out = _block_forward(block, hidden, kwargs)
+    except _Stop:
+        out = None
     finally:
         handle.remove()
-    return outputs
+    return seen[0], out
+
+
+def _set_weights(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor]) -> None:
+    for name, weight in weights.items():
+        linears[name].weight.data = weight
 
 
 class _Starts:
@@ -222,10 +247,12 @@ def swap_masks(
     masks: dict[str, torch.Tensor] = {}
     input_stats: dict[str, SearchStats] = {}  # per distinct input, named by the Linears reading it
     timing = {"forward_s": 0.0, "start_s": 0.0, "search_s": 0.0}
-    sequential = options.calib == "sequential"
+    sequential, dense_target = options.calib == "sequential", options.target == "dense"
     with torch.no_grad():
         t0 = time.perf_counter()
         states = capture_block_inputs(handle, tokens, batch_size)
+        # With dense targets a second stream of activations runs beside: the dense model's.
+        dense_states = list(states) if dense_target else None
         timing["forward_s"] += time.perf_counter() - t0
         for index in range(len(handle.layers)):
             t_block = time.perf_counter()
@@ -233,38 +260,55 @@ def swap_masks(
             names = targets_in_block(targets, f"{handle.layers_prefix}.{index}")
             linears = {name: handle.model.get_submodule(name) for name in names}
             originals = {name: lin.weight.data for name, lin in linears.items()}
+            masked: dict[str, torch.Tensor] = {}  # W ⊙ m of the Linears of this block searched so far
             outputs: list[torch.Tensor] = []
             t0 = time.perf_counter()
             groups = input_groups(block, linears, states[0]) if names else []
             timing["forward_s"] += time.perf_counter() - t0
             for gi, group in enumerate(groups):
-                last_dense = not sequential and gi == len(groups) - 1
+                # Dense calibration: the last input's pass runs the whole dense block, whose outputs
+                # feed the next block.
+                whole = not sequential and gi == len(groups) - 1
                 t0 = time.perf_counter()
-                stats = _InputStats(linears[group[0]].in_features, originals[group[0]].device, starts.needs_column_sums)
-                outputs = _stats_pass(block, linears[group[0]], states, stats, keep_outputs=last_dense)
+                leader = linears[group[0]]
+                stats = _InputStats(leader.in_features, originals[group[0]].device, starts.needs_column_sums,
+                                    dense_target)
+                for k, (hidden, kwargs) in enumerate(states):
+                    x, out = _leader_input(block, leader, hidden, kwargs, whole)
+                    x_dense = None
+                    if dense_target:
+                        _set_weights(linears, originals)
+                        x_dense, _ = _leader_input(block, leader, *dense_states[k], whole=False)
+                        _set_weights(linears, masked)
+                    stats.add(x, x_dense)
+                    if out is not None:
+                        outputs.append(out)
                 t1 = time.perf_counter()
                 layers = {}
                 for name in group:
                     weight = _search_weight(handle, name, originals[name])
-                    layers[name] = (weight, starts.mask(name, weight, stats))
+                    layers[name] = (weight, starts.mask(name, weight, stats), stats.linear(weight))
                 t2 = time.perf_counter()
                 found, input_stats["+".join(group)] = split.search(layers, stats.hessian.h, n, m, options.search)
                 timing["forward_s"] += t1 - t0
                 timing["start_s"] += t2 - t1
                 timing["search_s"] += time.perf_counter() - t2
-                del stats  # one H at a time
+                del stats, layers  # one H at a time
                 for name, mask in found.items():
                     masks[name] = mask.cpu()
                     if sequential:  # later inputs of this block see the searched mask
-                        linears[name].weight.data = torch.where(mask, originals[name], 0)
+                        masked[name] = torch.where(mask, originals[name], 0)
+                _set_weights(linears, masked)
             t0 = time.perf_counter()
             if index + 1 < len(handle.layers):
                 if not outputs:  # sequential mode, or a block without targets
                     outputs = [_block_forward(block, hidden, kwargs) for hidden, kwargs in states]
                 states = [(out, kwargs) for out, (_, kwargs) in zip(outputs, states, strict=True)]
+                if dense_target:
+                    _set_weights(linears, originals)
+                    dense_states = [(_block_forward(block, h, kw), kw) for h, kw in dense_states]
             timing["forward_s"] += time.perf_counter() - t0
-            for name, lin in linears.items():
-                lin.weight.data = originals[name]
+            _set_weights(linears, originals)
             handle.release_block(index)
             block_stats = [input_stats["+".join(group)] for group in groups]
             changed = sum(st.groups_changed for st in block_stats)
@@ -286,6 +330,7 @@ def _summary(options: SwapOptions, input_stats: dict[str, SearchStats], timing: 
         "start": options.start,
         "start_source": starts.source_info,
         "calib_mode": options.calib,
+        "target": options.target,
         "max_sweeps": options.search.max_sweeps,
         "tol": options.search.tol,
         "row_chunk": options.search.row_chunk,
@@ -308,7 +353,7 @@ def _summary(options: SwapOptions, input_stats: dict[str, SearchStats], timing: 
 def run_swap(handle: ModelHandle, tokens: torch.Tensor, targets: list[str], n: int, m: int, spec) -> tuple[dict, dict]:
     """The ``--method swap`` branch of make.py: options from the PriorSpec, ranks from the launcher."""
     options = SwapOptions(
-        start=spec.swap_start, calib=spec.swap_calib,
+        start=spec.swap_start, calib=spec.swap_calib, target=spec.swap_target,
         search=SearchConfig(max_sweeps=spec.swap_sweeps, tol=spec.swap_tol, row_chunk=spec.swap_row_chunk),
         sparsegpt_blocksize=spec.blocksize, sparsegpt_percdamp=spec.percdamp,
     )

@@ -69,25 +69,28 @@ class RowSplit:
 
     def search(
         self,
-        layers: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
         hessian: torch.Tensor,
         n: int,
         m: int,
         config: SearchConfig,
     ) -> tuple[dict[str, torch.Tensor], SearchStats]:
         """Search the Linears that read the input whose H is ``hessian`` (name -> (weight, starting
-        mask)); every rank returns every layer's full mask, and the stats of the whole search.
+        mask, linear term or None)); every rank returns every layer's full mask, and the stats.
 
         Their rows are stacked (q, k, v: 576 + 192 + 192 rows on SmolLM2) and cut into chunks of
         ``row_chunk``: fewer, fuller chunks than layer by layer, and a chunk may span two layers."""
-        weight = torch.cat([w for w, _ in layers.values()])
-        start = torch.cat([s for _, s in layers.values()])
+        weight = torch.cat([w for w, _, _ in layers.values()])
+        start = torch.cat([s for _, s, _ in layers.values()])
+        linears = [b for _, _, b in layers.values()]
+        linear = None if linears[0] is None else torch.cat(linears)
         chunks = row_chunks(weight.shape[0], config.row_chunk)
         owner = self.owners([r1 - r0 for r0, r1 in chunks])
         found: dict[int, tuple[torch.Tensor, SearchStats]] = {}
         for index, (r0, r1) in enumerate(chunks):
             if owner[index] == self.rank:
-                found[index] = local_search(weight[r0:r1], hessian, start[r0:r1], n, m, config)
+                b = None if linear is None else linear[r0:r1]
+                found[index] = local_search(weight[r0:r1], hessian, start[r0:r1], n, m, config, linear=b)
         if self.world > 1:
             found = self._exchange(chunks, owner, found, weight.shape[1])
         mask = torch.empty_like(start)
@@ -96,7 +99,7 @@ class RowSplit:
             mask[r0:r1] = found[index][0].to(mask.device)
             stats.add(found[index][1])
         out, r0 = {}, 0
-        for name, (w, _) in layers.items():
+        for name, (w, _, _) in layers.items():
             out[name] = mask[r0 : r0 + w.shape[0]]
             r0 += w.shape[0]
         return out, stats

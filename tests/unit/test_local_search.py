@@ -23,24 +23,26 @@ def problem(rows: int, cols: int, tokens: int = 256, seed: int = 0):
     return torch.randn(rows, cols, generator=g), x.T @ x
 
 
-def row_cost(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> float:
+def row_cost(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, b: torch.Tensor | None = None) -> float:
     z = torch.where(keep, 0.0, w)
-    return float(z @ h @ z)
+    return float(z @ h @ z - (0.0 if b is None else 2.0 * b @ z))
 
 
-def naive_exhaustive(w, h, mask, n, m, max_sweeps):
+def naive_exhaustive(w, h, mask, n, m, max_sweeps, linear=None):
     """Gauss-Seidel over groups, best pattern by full objective; current kept unless strictly better."""
     w, h, mask = w.double(), h.double(), mask.clone()
+    b = None if linear is None else linear.double()
     patterns = kept_patterns(n, m)
     for _ in range(max_sweeps):
         changed = 0
         for r in range(w.shape[0]):
             for c in range(0, w.shape[1], m):
                 trial = mask[r].clone()
-                best, best_cost = None, row_cost(w[r], h, trial)
+                br = None if b is None else b[r]
+                best, best_cost = None, row_cost(w[r], h, trial, br)
                 for p in patterns:
                     trial[c : c + m] = p
-                    cost = row_cost(w[r], h, trial)
+                    cost = row_cost(w[r], h, trial, br)
                     if cost < best_cost:
                         best, best_cost = p, cost
                 if best is not None:
@@ -88,6 +90,22 @@ def test_fp64_kernel_equals_naive_exhaustive_search_2_4_and_4_8():
         assert torch.equal(found, naive_exhaustive(w, h, start, n, m, 30))
         assert stats.changed[-1] == 0  # converged, not stopped by max_sweeps
         assert stats.groups_changed == int((found != start).reshape(10, -1, m).any(-1).sum()) > 0
+
+
+def test_linear_term_equals_naive_search_on_the_full_objective():
+    """f = Σ zᵀHz − 2bᵀz: the objective when the target is the dense model's output."""
+    w, h = problem(10, 32, seed=8)
+    b = torch.randn(10, 32, generator=torch.Generator().manual_seed(9)) @ h * 0.3
+    start = magnitude_prior(w, 2, 4)
+    config = SearchConfig(max_sweeps=30, tol=0.0, blocksize=8, row_chunk=4)
+    found, stats = local_search(w, h.double(), start, 2, 4, config, linear=b.double())
+    assert torch.equal(found, naive_exhaustive(w, h, start, 2, 4, 30, linear=b))
+    without, _ = local_search(w, h.double(), start, 2, 4, config)
+    assert not torch.equal(found, without)
+    f = sum(row_cost(w[r].double(), h.double(), found[r], b[r].double()) for r in range(10))
+    assert abs(stats.objective[-1] - f) <= 1e-9 * abs(f)
+    with pytest.raises(ValueError, match="linear term"):
+        local_search(w, h, start, 2, 4, config, linear=b[:3])
 
 
 def test_fp32_kernel_agrees_with_the_fp64_reference():
