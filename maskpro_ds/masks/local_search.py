@@ -230,8 +230,9 @@ class _ChunkSearch:
         """One pass over all groups, best of the C(M,N) patterns each; updates gt, keep and pattern
         (zt is left as it was at the start of the sweep: the next sweep rebuilds it from keep)."""
         m, cols, rows = self.m, wt.shape[0], wt.shape[1]
-        gain = torch.zeros((), dtype=torch.float64)
-        changed = torch.zeros((), dtype=torch.int64)
+        dev = wt.device
+        gain = torch.zeros((), dtype=torch.float64, device=dev)
+        changed = torch.zeros((), dtype=torch.int64, device=dev)
         for b0 in range(0, cols, self.config.blocksize):
             b1 = min(b0 + self.config.blocksize, cols)
             nb, g0 = (b1 - b0) // m, b0 // m
@@ -245,8 +246,8 @@ class _ChunkSearch:
             at = (gt[b0:b1].view(nb, m, rows) - torch.bmm(hgg, zb)).view(b1 - b0, rows)
             two_w = 2.0 * wb
             pat = pattern[g0 : g0 + nb]  # [nb, rows]
-            gain_block = torch.empty(nb, rows, dtype=self.dtype)
-            delta_block = torch.empty(b1 - b0, rows, dtype=self.dtype)
+            gain_block = torch.empty(nb, rows, dtype=self.dtype, device=dev)
+            delta_block = torch.empty(b1 - b0, rows, dtype=self.dtype, device=dev)
             for i in range(nb):
                 c = b0 + i * m
                 cost = torch.addmm(quad[i], self.pruned, two_w[i] * at[c - b0 : c - b0 + m])  # [K, rows]
@@ -270,13 +271,14 @@ class _ChunkSearch:
         """One pass over all groups, up to min(N, M−N) best kept/pruned swaps each (large M)."""
         m, cols, rows = self.m, wt.shape[0], wt.shape[1]
         swaps = min(self.n, m - self.n)
-        gain = torch.zeros((), dtype=torch.float64)
-        changed = torch.zeros((), dtype=torch.int64)
-        inf = torch.tensor(float("inf"), dtype=self.dtype)
-        columns = torch.arange(rows, device=wt.device)
+        dev = wt.device
+        gain = torch.zeros((), dtype=torch.float64, device=dev)
+        changed = torch.zeros((), dtype=torch.int64, device=dev)
+        inf = torch.tensor(float("inf"), dtype=self.dtype, device=dev)
+        columns = torch.arange(rows, device=dev)
         for b0 in range(0, cols, self.config.blocksize):
             b1 = min(b0 + self.config.blocksize, cols)
-            delta_block = torch.empty(b1 - b0, rows, dtype=self.dtype)
+            delta_block = torch.empty(b1 - b0, rows, dtype=self.dtype, device=dev)
             for c in range(b0, b1, m):
                 hgg = self.h_groups[c // m]
                 wg, kg, zg = wt[c : c + m], keep[c : c + m], zt[c : c + m]
@@ -286,7 +288,7 @@ class _ChunkSearch:
                 # Swap i (kept -> pruned) and j (pruned -> kept): δ = w_i e_i − w_j e_j,
                 # Δf = 2 δ·(Hz)_g + δᵀ H_gg δ = A_i + B_j − 2 w_i w_j H_ij.   [i, j, rows]
                 cross = -2.0 * (wg.unsqueeze(1) * wg.unsqueeze(0)) * hgg.unsqueeze(2)
-                any_swap = torch.zeros(rows, dtype=torch.bool)
+                any_swap = torch.zeros(rows, dtype=torch.bool, device=dev)
                 for _ in range(swaps):
                     a_i = 2.0 * wg * ag + wsq_diag
                     b_j = -2.0 * wg * ag + wsq_diag

@@ -107,9 +107,13 @@ class RowSplit:
     def _exchange(self, chunks, owner, found, cols: int) -> dict[int, tuple[torch.Tensor, SearchStats]]:
         """Every rank broadcasts its chunks' masks (packed bits, in chunk order) and stats."""
         import deepspeed.comm as dist
+        import torch.distributed
 
         from maskpro_ds.distributed import broadcast_object
 
+        # NCCL moves GPU buffers only, gloo CPU ones.
+        nccl = torch.distributed.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         result = dict(found)
         for src in range(self.world):
             mine = [i for i in range(len(chunks)) if owner[i] == src]
@@ -117,15 +121,15 @@ class RowSplit:
                 continue
             sizes = [(chunks[i][1] - chunks[i][0]) * ((cols + 7) // 8) for i in mine]
             if src == self.rank:
-                buf = torch.cat([pack_bits(found[i][0].cpu()).reshape(-1) for i in mine])
+                buf = torch.cat([pack_bits(found[i][0]).reshape(-1) for i in mine]).to(device)
                 stats = [found[i][1] for i in mine]
             else:
-                buf = torch.empty(sum(sizes), dtype=torch.uint8)
+                buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
                 stats = None
             dist.broadcast(buf, src=src)
             stats = broadcast_object(stats, src=src)
             if src != self.rank:
-                for i, piece, st in zip(mine, buf.split(sizes), stats, strict=True):
+                for i, piece, st in zip(mine, buf.cpu().split(sizes), stats, strict=True):
                     result[i] = (unpack_bits(piece.view(chunks[i][1] - chunks[i][0], -1), cols), st)
         return result
 

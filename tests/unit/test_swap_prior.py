@@ -60,14 +60,16 @@ def _tokens(tiny):
     return calibration_tokens(AutoTokenizer.from_pretrained(model_dir), calib.read_text(), 8, 32)
 
 
-def direct_swap(tiny, start: str, calib: str, config: SearchConfig) -> dict[str, torch.Tensor]:
+def direct_swap(tiny, start: str, calib: str, config: SearchConfig, target: str = "own") -> dict[str, torch.Tensor]:
     """The swap prior computed on the full model with forward pre-hooks, group by group in call order.
 
-    dense: every H from the dense model; sequential: every Linear searched so far is masked first.
+    dense: every H from the dense model; sequential: every Linear searched so far is masked first;
+    target dense: a second, dense copy of the model gives x_dense for the linear term D w.
     """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.float32).eval()
+    dense_model = AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.float32).eval()
     tokens = _tokens(tiny)
     originals = {n: p.detach().clone() for n, p in model.named_parameters()}
     masks: dict[str, torch.Tensor] = {}
@@ -82,9 +84,22 @@ def direct_swap(tiny, start: str, calib: str, config: SearchConfig) -> dict[str,
                 column.add(args[0])
 
             hook = leader.register_forward_pre_hook(collect)
+            cross = torch.zeros(leader.in_features, leader.in_features)
             with torch.no_grad():
                 for batch in tokens.split(BATCH):
+                    if target == "dense":  # D = (2/n) Σ x (x − x_dense)ᵀ, as a running mean like H
+                        xs = []
+                        hooks = [m.get_submodule(names[0]).register_forward_pre_hook(
+                            lambda _m, args, xs=xs: xs.append(args[0].reshape(-1, args[0].shape[-1])))
+                            for m in (model, dense_model)]
+                    seen = hessian.tokens
                     model(input_ids=batch, use_cache=False)
+                    if target == "dense":
+                        dense_model(input_ids=batch, use_cache=False)
+                        for h in hooks:
+                            h.remove()
+                        cross *= seen / hessian.tokens
+                        cross.addmm_(xs[0].t(), xs[0] - xs[1], alpha=2.0 / hessian.tokens)
             hook.remove()
             starts = []
             for name in names:
@@ -97,7 +112,8 @@ def direct_swap(tiny, start: str, calib: str, config: SearchConfig) -> dict[str,
                     starts.append(magnitude_prior(w, N, M))
             # The Linears reading this input are searched as one stack of rows.
             weights = [originals[name + ".weight"] for name in names]
-            found, _ = local_search(torch.cat(weights), hessian.h, torch.cat(starts), N, M, config)
+            linear = torch.cat(weights) @ cross.T if target == "dense" else None
+            found, _ = local_search(torch.cat(weights), hessian.h, torch.cat(starts), N, M, config, linear=linear)
             for name, part in zip(names, found.split([w.shape[0] for w in weights]), strict=True):
                 masks[name] = part
                 if calib == "sequential":
@@ -106,20 +122,26 @@ def direct_swap(tiny, start: str, calib: str, config: SearchConfig) -> dict[str,
     return masks
 
 
-@pytest.mark.parametrize("calib", ["dense", "sequential"])
+@pytest.mark.parametrize("calib,target", [("dense", "own"), ("sequential", "own"), ("sequential", "dense")])
 @pytest.mark.parametrize("start", ["wanda", "sparsegpt", "magnitude"])
-def test_swap_equals_a_direct_computation_on_the_full_model(tiny, tmp_path, start, calib):
-    got, meta = compute_prior(_spec(tiny, tmp_path, swap_start=start, swap_calib=calib, swap_sweeps=4))
-    expected = direct_swap(tiny, start, calib, SearchConfig(max_sweeps=4, tol=1e-3, row_chunk=48))
+def test_swap_equals_a_direct_computation_on_the_full_model(tiny, tmp_path, start, calib, target):
+    got, meta = compute_prior(_spec(tiny, tmp_path, swap_start=start, swap_calib=calib, swap_target=target,
+                                    swap_sweeps=4))
+    expected = direct_swap(tiny, start, calib, SearchConfig(max_sweeps=4, tol=1e-3, row_chunk=48), target)
     assert got.keys() == expected.keys() and len(got) == 14
     for name in got:
         assert torch.equal(got[name], expected[name]), name
     info = meta["swap"]
-    assert info["start"] == start and info["calib_mode"] == calib and info["ranks"] == 1
+    assert info["start"] == start and info["calib_mode"] == calib and info["target"] == target
+    assert info["ranks"] == 1
     assert 0 < info["groups_changed"] < info["groups"] == sum(m.numel() // M for m in got.values())
     assert len(info["inputs"]) == 8  # 2 blocks x (q/k/v, o, gate/up, down)
     for name, stats in info["inputs"].items():
         assert all(b <= a for a, b in zip(stats["objective"], stats["objective"][1:], strict=False)), name
+    if target == "dense":  # block 0's first input is the embedding in both streams: no linear term there
+        own, _ = compute_prior(_spec(tiny, tmp_path, swap_start=start, swap_calib=calib, swap_sweeps=4))
+        assert torch.equal(got["model.layers.0.self_attn.q_proj"], own["model.layers.0.self_attn.q_proj"])
+        assert not torch.equal(got["model.layers.1.mlp.down_proj"], own["model.layers.1.mlp.down_proj"])
 
 
 def test_the_two_modes_differ_and_both_beat_their_start(tiny, tmp_path):
@@ -219,6 +241,8 @@ def test_cli_writes_the_artifact_and_reports_bad_options(tiny, tmp_path, capsys)
     assert "--swap-start" in capsys.readouterr().err
     assert prior_main([*base, "--out", str(tmp_path / "x"), "--swap-sweeps", "-1"]) == 2
     assert "--swap-sweeps" in capsys.readouterr().err
+    assert prior_main([*base, "--out", str(tmp_path / "x"), "--swap-target", "dense"]) == 2
+    assert "--swap-target dense needs --swap-calib sequential" in capsys.readouterr().err
 
 
 def test_start_artifact_of_another_pattern_is_refused(tiny, tmp_path):
