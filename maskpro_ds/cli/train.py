@@ -1,6 +1,6 @@
 """``maskpro-train --config CONFIG.yaml [--resume] [--section.key=value ...]``: train MaskPro masks.
 
-Works under every launcher (the process group is set up in maskpro_ds.train.distributed); each
+Works under every launcher (the process group is set up in maskpro_ds.distributed); each
 launcher starts this module (``python -m maskpro_ds.cli.train``) or ``launchers/train.py``:
     deepspeed --hostfile hosts launchers/train.py --config configs/llama2_7b.yaml
     deepspeed --num_gpus 8 launchers/train.py --config configs/llama3_8b.yaml
@@ -24,8 +24,9 @@ import traceback
 # the deepspeed launcher (unlike torchrun) does not set it. Must precede the torch import.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from maskpro_ds import distributed  # noqa: E402
 from maskpro_ds.config import load_config  # noqa: E402
-from maskpro_ds.train import distributed, preemption  # noqa: E402
+from maskpro_ds.train import preemption  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from maskpro_ds import distributed
 from maskpro_ds.formats.atomic import TMP_PREFIX, atomic_write_text
 from maskpro_ds.formats.checkpoint_format import (
     LATEST,
@@ -33,7 +34,6 @@ from maskpro_ds.formats.checkpoint_format import (
     write_manifest,
     write_shard,
 )
-from maskpro_ds.train import distributed
 from maskpro_ds.train.logit_store import LogitStore
 
 logger = logging.getLogger(__name__)

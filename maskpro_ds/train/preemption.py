@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from maskpro_ds.train import checkpoint, distributed
+from maskpro_ds import distributed
+from maskpro_ds.train import checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from maskpro_ds import distributed
 from maskpro_ds.config import Config
 from maskpro_ds.data.samples import build_samples
 from maskpro_ds.data.schedule import BatchSchedule
@@ -34,7 +35,7 @@ from maskpro_ds.masks.nm import magnitude_prior
 from maskpro_ds.masks.policy import mask_entropy
 from maskpro_ds.models.hf_dir import check_model_dir
 from maskpro_ds.models.targets import select_targets
-from maskpro_ds.train import baseline_cache, checkpoint, distributed, preemption
+from maskpro_ds.train import baseline_cache, checkpoint, preemption
 from maskpro_ds.train.estimators import StepLosses, make_estimator
 from maskpro_ds.train.forward import MaskedForward
 from maskpro_ds.train.logit_store import LogitStore

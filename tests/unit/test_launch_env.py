@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from maskpro_ds.config import load_config
-from maskpro_ds.train.distributed import map_launcher_env
+from maskpro_ds.distributed import map_launcher_env
 from maskpro_ds.train.zero_model import build_ds_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ def test_mpi_env_without_mpi4py(env, monkeypatch):
 MPI_CHILD = """
 import json, os, sys
 from pathlib import Path
-from maskpro_ds.train.distributed import map_launcher_env
+from maskpro_ds.distributed import map_launcher_env
 os.environ["MASTER_PORT"] = "29999"
 updates = map_launcher_env()
 Path(sys.argv[1], "rank-" + updates["RANK"] + ".json").write_text(json.dumps(updates))
