@@ -1,10 +1,10 @@
 """The swap prior on the demo assets: perplexity against Wanda and SparseGPT, time, ranks, 70B speed.
 
-    python bench/prior_swap.py                                  # ~30 min on 2 cores
-    python bench/prior_swap.py --maskpro-run runs/maskpro_from_swap   # + a finished MaskPro run's figure
-    python bench/prior_swap.py --maskpro-steps 1500             # + train MaskPro from swap here (hours)
+    python -m bench.prior_swap                                  # ~30 min on 2 cores
+    python -m bench.prior_swap --maskpro-run runs/maskpro_from_swap   # + a finished MaskPro run's figure
+    python -m bench.prior_swap --maskpro-steps 1500             # + train MaskPro from swap here (hours)
 
-Protocol of maskpro_ds/demo.py: SmolLM2-135M-Instruct, 2:4 on all 210 decoder Linears, held-out
+Protocol of maskpro_ds/demo/run.py: SmolLM2-135M-Instruct, 2:4 on all 210 decoder Linears, held-out
 perplexity on the first 16,384 tokens of heldout.txt at seqlen 512 in bf16; every prior from the
 same calibration windows (default 128 x 128 tokens of calib.txt). Priors are made by
 tools/make_prior.py in child processes with OMP_NUM_THREADS=--threads, timed from the outside
@@ -38,7 +38,7 @@ VARIANTS = {"dense": ("dense", "own"), "sequential": ("sequential", "own"),
 
 def _timed(cmd: list[str], log: Path, threads: int) -> dict:
     """Run a child to completion; wall and CPU seconds (children's user + system) and the load around it."""
-    from maskpro_ds.local_launch import child_env
+    from maskpro_ds.train.local_launch import child_env
 
     env = child_env(OMP_NUM_THREADS=str(threads))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -103,7 +103,7 @@ def seventy_b_sweep(rows: int, sweeps: int) -> dict:
 
 def maskpro_figure(args, assets, swap_prior: Path, work: Path) -> Path | None:
     """The mask of MaskPro trained from the swap prior: from --maskpro-run, or trained with --maskpro-steps."""
-    from maskpro_ds.demo import DemoSizes, export, train
+    from maskpro_ds.demo.run import DemoSizes, export, train
 
     run_dir = Path(args.maskpro_run) if args.maskpro_run else None
     if run_dir is None and args.maskpro_steps:
@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--maskpro-lr", type=float, default=1.5)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "prior_swap.json"))
     args = p.parse_args(argv)
-    from maskpro_ds.demo import DemoSizes, evaluate
-    from maskpro_ds.demo_assets import prepare_demo
+    from maskpro_ds.demo.assets import prepare_demo
+    from maskpro_ds.demo.run import DemoSizes, evaluate
 
     assets = prepare_demo(Path(args.cache_dir))
     work = Path(args.work)
@@ -223,11 +223,11 @@ def main(argv=None) -> int:
                      "eval": f"first {results['dense']['tokens_used']} tokens of heldout.txt, seqlen "
                              f"{sizes.eval_seqlen}, {sizes.dtype}",
                      "machine": f"{os.cpu_count()} CPU cores, shared with other jobs (load averages in timing)"},
-        "command": "python bench/prior_swap.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.prior_swap " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from maskpro_ds.atomic import atomic_write_text
+    from maskpro_ds.formats.atomic import atomic_write_text
 
     atomic_write_text(out, json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: summary[k] for k in ("ppl", "minutes", "groups_changed", "ranks_identical",
