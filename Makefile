@@ -7,7 +7,7 @@ PYTHON  := $(BIN)/python
 TORCH_PIN := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install demo test test-slow test-all lint bench clean
+.PHONY: help install demo test test-cluster test-slow test-all lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -33,6 +33,9 @@ lint: $(STAMP)  ## ruff over the package, launchers, tools, bench and tests
 
 test: $(STAMP) lint  ## unit + distributed tests (not slow), ~15 min on 2 cores
 	$(BIN)/pytest -m "not slow" -q
+
+test-cluster: $(STAMP)  ## only tests/cluster: real sshd/pdsh and SLURM launches (root + Debian packages), preemption
+	$(BIN)/pytest tests/cluster -q
 
 test-slow: $(STAMP)  ## the slow checks (70B-shaped shapes, long runs)
 	$(BIN)/pytest -m slow -q

@@ -5,6 +5,8 @@ Examples::
     maskpro-prior --model runs/demo/model --method wanda --pattern 2:4 \\
         --calib runs/demo/calib.txt --nsamples 32 --seqlen 128 --out runs/demo/prior-wanda
     maskpro-prior --model M --method from-checkpoint --source PRUNED_DIR --out OUT
+    maskpro-prior --model M --method swap --swap-start wanda --calib C --nsamples 128 --out OUT
+    torchrun --nproc_per_node 2 -m maskpro_ds.cli.prior --model M --method swap ...   # rows split over ranks
 
 A method's own options (e.g. SparseGPT's ``--blocksize``) come from its ``Options`` dataclass.
 """
@@ -15,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 from maskpro_ds.formats.mask_artifact import read_mask_artifact
@@ -70,6 +73,17 @@ def _options(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from maskpro_ds.priors.swap_ranks import launched_world_size
+
+    code = _make(args)
+    if launched_world_size() > 1:  # ranks of a launcher end like training's (distributed.exit_process)
+        from maskpro_ds.distributed import exit_process
+
+        exit_process(code)
+    return code
+
+
+def _make(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         spec = PriorSpec(
@@ -83,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"maskpro-prior: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # a multi-rank swap run: rank 0 wrote and reports the artifact
+        return 0
     art = read_mask_artifact(out)
     print(json.dumps({"out": str(out), "pattern": art.pattern, "layers": len(art.shapes),
                       "method": art.meta.get("method"), "time_s": art.meta.get("time_s")}))

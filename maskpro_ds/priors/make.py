@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -86,5 +87,7 @@ def make_prior(spec: PriorSpec) -> Path:
         raise FileExistsError(f"--out {out} already exists; pass --force to overwrite it")
     n, m = parse_pattern(spec.pattern)
     masks, meta = compute_prior(spec)
+    if int(os.environ.get("RANK", "0")) != 0:  # a multi-rank swap run: every rank holds the masks, rank 0 writes
+        return out
     fingerprint = model_fingerprint(spec.model)
     return write_mask_artifact(out, masks, n, m, fingerprint, meta=meta, force=spec.force)

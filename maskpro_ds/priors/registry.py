@@ -6,6 +6,7 @@ from maskpro_ds.priors.base import PriorMethod
 from maskpro_ds.priors.from_checkpoint import FromCheckpointPrior
 from maskpro_ds.priors.magnitude import MagnitudePrior
 from maskpro_ds.priors.sparsegpt import SparseGPTPrior
+from maskpro_ds.priors.swap import SwapPrior
 from maskpro_ds.priors.wanda import WandaPrior
 
 PRIOR_METHODS: dict[str, type[PriorMethod]] = {cls.name: cls for cls in (
@@ -13,5 +14,6 @@ PRIOR_METHODS: dict[str, type[PriorMethod]] = {cls.name: cls for cls in (
     WandaPrior,
     SparseGPTPrior,
     FromCheckpointPrior,
+    SwapPrior,
 )}
 METHODS = tuple(PRIOR_METHODS)

@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from maskpro_ds import distributed
 from maskpro_ds.formats.atomic import atomic_write_bytes
-from maskpro_ds.train import distributed
 from maskpro_ds.train.forward import MaskedForward, num_rounds, padded_rounds
 from maskpro_ds.train.mask_modes import PRIOR
 from maskpro_ds.train.metrics import ProgressBar

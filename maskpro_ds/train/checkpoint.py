@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from maskpro_ds import distributed
 from maskpro_ds.formats.atomic import TMP_PREFIX, atomic_write_text
 from maskpro_ds.formats.checkpoint_format import (
     LATEST,
@@ -39,7 +40,6 @@ from maskpro_ds.formats.checkpoint_format import (
     write_manifest,
     write_shard,
 )
-from maskpro_ds.train import distributed
 from maskpro_ds.train.logit_store import LogitStore
 
 logger = logging.getLogger(__name__)
@@ -153,27 +153,29 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
-def _problem(step_dir: Path, rank: int, world_size: int) -> str | None:
+def _problem(step_dir: Path, rank: int, world_size: int, checksums: bool = True) -> str | None:
     """Why ``step_dir`` cannot be resumed from, as seen by this rank (None: usable). Every rank checks
     the structure; the hashing is shared, rank r taking shards r, r + R, ..."""
     try:
         manifest = read_manifest(step_dir)
-        verify_checksums(manifest, [s.rank for s in manifest.shards[rank::world_size]])
+        if checksums:
+            verify_checksums(manifest, [s.rank for s in manifest.shards[rank::world_size]])
     except (ValueError, FileNotFoundError, KeyError, SafetensorError) as e:
         return str(e)
     return None
 
 
-def find_resumable(root: Path, rank: int = 0, world_size: int = 1) -> Manifest | None:
+def find_resumable(root: Path, rank: int = 0, world_size: int = 1, checksums: bool = True) -> Manifest | None:
     """Collective: the newest checkpoint that passes every check on every rank, newest first; corrupt
-    ones are reported (by rank 0, naming the file) and skipped, not deleted."""
+    ones are reported (by rank 0, naming the file) and skipped, not deleted. ``checksums=False``
+    checks the structure only (sizes, headers, tiling), without reading the shards' data."""
     candidates = step_dirs(root)
     if (root / LATEST).is_file():
         pointed = root / (root / LATEST).read_text(errors="replace").strip()
         if pointed in candidates:  # try the pointer's target first, then everything older
             candidates = [p for p in candidates if p.name <= pointed.name]
     for step_dir in reversed(candidates):
-        problems = [p for p in _gather_objects(_problem(step_dir, rank, world_size), world_size) if p]
+        problems = [p for p in _gather_objects(_problem(step_dir, rank, world_size, checksums), world_size) if p]
         if not problems:
             return read_manifest(step_dir)
         if rank == 0:

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 
 import torch
 
+from maskpro_ds import distributed
 from maskpro_ds.config import KernelMode
 from maskpro_ds.formats.checkpoint_format import split_groups
 from maskpro_ds.masks.nm import pack_bits, unpack_bits
@@ -50,7 +51,6 @@ from maskpro_ds.masks.sampling import (
     sample_codes,
     sample_masks,
 )
-from maskpro_ds.train import distributed
 from maskpro_ds.train.mask_modes import FinalMode, MaskMode, PriorMode, SampleMode
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import math
 
 import torch
 
+from maskpro_ds import distributed
 from maskpro_ds.data.samples import build_samples
-from maskpro_ds.train import distributed
 from maskpro_ds.train.forward import MaskedForward, padded_rounds
 from maskpro_ds.train.mask_modes import FINAL
 

@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+from maskpro_ds import distributed
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
@@ -179,8 +181,6 @@ class RunLock:
 def lock_run_dir(run_dir: str | os.PathLike, is_main: bool) -> RunLock | None:
     """Collective: rank 0 takes the lock and every rank learns the outcome, so a refused run ends on
     every rank with the same :class:`RunLocked` before anything else is read or written."""
-    from maskpro_ds.train import distributed
-
     lock, problem = None, None
     if is_main:
         lock = RunLock(run_dir)

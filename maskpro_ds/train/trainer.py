@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from maskpro_ds import distributed
 from maskpro_ds.config import Config
 from maskpro_ds.data.samples import build_samples
 from maskpro_ds.data.schedule import BatchSchedule
@@ -39,7 +40,7 @@ from maskpro_ds.masks.nm import magnitude_prior
 from maskpro_ds.masks.policy import mask_entropy
 from maskpro_ds.models.hf_dir import check_model_dir
 from maskpro_ds.models.targets import select_targets
-from maskpro_ds.train import baseline_cache, checkpoint, distributed
+from maskpro_ds.train import baseline_cache, checkpoint, preemption
 from maskpro_ds.train.estimators import StepLosses, make_estimator
 from maskpro_ds.train.forward import MaskedForward
 from maskpro_ds.train.logit_store import LogitStore
@@ -352,6 +353,12 @@ class Trainer:
                     if not saved:
                         self.save()
                     raise TrainingStopped(f"{self.stop_reason}; checkpoint saved at step {self.step_index}")
+                # SIGTERM/SIGUSR1 on any rank: all stop after this step with a checkpoint of it (collective).
+                why = self.step_index < cfg.train.steps and preemption.stop_agreed(self.info.device)
+                if why:
+                    if not saved:
+                        self.save()
+                    raise preemption.Preempted(self.step_index, why)
         finally:
             progress.close()
         if self.step_index == cfg.train.steps and not (self.ckpt_root / checkpoint.step_dir_name(self.step_index)).exists():

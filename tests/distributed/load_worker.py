@@ -44,8 +44,8 @@ def measure_fill(model_dir: Path, ds_config: dict, dtype: torch.dtype) -> int:
 
 
 def main() -> None:
+    from maskpro_ds import distributed
     from maskpro_ds.config import load_config
-    from maskpro_ds.train import distributed
     from maskpro_ds.train.zero_model import build_ds_config, load_partitioned_model
     from maskpro_ds.train.zero_utils import gathered
 
@@ -74,6 +74,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from maskpro_ds.train import distributed
+    from maskpro_ds import distributed
 
     distributed.exit_process(0)

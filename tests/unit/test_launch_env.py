@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from maskpro_ds.config import load_config
-from maskpro_ds.train.distributed import map_launcher_env
+from maskpro_ds.distributed import map_launcher_env
 from maskpro_ds.train.zero_model import build_ds_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,9 +55,10 @@ def test_partial_env_gets_defaults_for_what_is_missing():
     ("a01,b02", "a01"),
     ("dgx[12]", "dgx12"),
 ])
-def test_slurm_task_maps_to_rank_and_first_host(nodelist, first):
-    if shutil.which("scontrol"):
-        pytest.skip("scontrol present: the host list is expanded by SLURM itself")
+def test_slurm_task_maps_to_rank_and_first_host(nodelist, first, monkeypatch):
+    # The built-in parser, used where scontrol is absent: hide an installed one (CI has SLURM).
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert shutil.which("scontrol") is None
     env = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_NODELIST": nodelist}
     updates = map_launcher_env(env)
     assert updates == {"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "MASTER_ADDR": first,
@@ -91,7 +92,7 @@ def test_mpi_env_without_mpi4py(env, monkeypatch):
 MPI_CHILD = """
 import json, os, sys
 from pathlib import Path
-from maskpro_ds.train.distributed import map_launcher_env
+from maskpro_ds.distributed import map_launcher_env
 os.environ["MASTER_PORT"] = "29999"
 updates = map_launcher_env()
 Path(sys.argv[1], "rank-" + updates["RANK"] + ".json").write_text(json.dumps(updates))

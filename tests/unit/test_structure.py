@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("masks",),
     ("formats",),
     ("config",),
-    ("models", "data"),
+    ("models", "data", "distributed"),
     ("train", "priors", "eval", "export"),
     ("demo",),
     ("cli",),
