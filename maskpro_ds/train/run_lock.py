@@ -15,7 +15,9 @@ holds is a run that was killed, and it is taken over after a check:
   over only if it stays untouched for ``watch_s`` seconds.
 
 The file itself is never replaced or deleted (a rename or unlink would let two runs lock two
-different files); the record is rewritten in place through the locked descriptor.
+different files); the record is rewritten in place through the locked descriptor. A process forked
+from the holder closes its copy of the descriptor, so a helper process that outlives a killed run
+cannot keep the lock held in its name.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 10.0
 WATCH_S = 3 * HEARTBEAT_S
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_inherited() -> None:
+    """In a forked child: drop the copies of our lock descriptors (closing a copy never unlocks)."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
 
 
 class RunLocked(RuntimeError):
@@ -144,6 +158,7 @@ class RunLock:
             os.close(fd)  # closing drops a flock we may hold
             raise
         self._fd = fd
+        _HELD.add(fd)
         self._thread = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
         return warning
@@ -170,6 +185,7 @@ class RunLock:
             self._thread.join()
         with contextlib.suppress(OSError):
             self._write(self._fd, None)
+        _HELD.discard(self._fd)
         os.close(self._fd)  # drops the flock
         self._fd = None
 

@@ -124,3 +124,27 @@ def test_unreadable_record_is_taken_over(tmp_path):
     lock = RunLock(tmp_path)
     assert "unreadable record" in lock.acquire()
     lock.release()
+
+
+def test_a_forked_helper_does_not_keep_the_lock(tmp_path):
+    """A process forked from the holder (a worker pool) outliving it must not keep the flock."""
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: stays alive until the parent has "died"
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        os.close(lock._fd)  # the holder dies (its descriptor closes, as at process exit) ...
+        lock._fd = None
+        lock._stop.set()
+        again = RunLock(tmp_path)
+        assert "ended without releasing it" in again.acquire()  # ... and the child holds nothing
+        again.release()
+    finally:
+        os.write(write, b"x")
+        os.close(write)
+        os.waitpid(pid, 0)
