@@ -33,7 +33,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory; each format goes to OUT/<format>/")
     parser.add_argument("--format", default="hf-dense",
-                        help=f"comma-separated formats among {', '.join(FORMATS)} (default hf-dense)")
+                        help=f"comma-separated formats among {', '.join(FORMATS)} (default hf-dense; "
+                             "ct-sparse24 is a legacy format for compressed-tensors <= 0.14 stacks, "
+                             "see docs/deploy.md)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file written (default 5GB)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new export is complete)")
     parser.add_argument("--no-fingerprint-check", action="store_true",
