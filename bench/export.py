@@ -1,14 +1,17 @@
-"""Export throughput and memory, measured side by side with a raw read of the same base files.
+"""Export throughput and memory with 1 and 2 worker processes, side by side with a raw read of the same files.
 
 Builds a synthetic bf16 base with Llama-shaped layers and a matching 2-rank fp32 checkpoint, reads
-every input once so the page cache is warm for both measurements (dropping the cache needs root
+every input once so the page cache is warm for all measurements (dropping the cache needs root
 and would not be comparable anyway), then in the same run:
-  1. raw sequential read of the base weight files (16 MB reads)         -> read GB/s
-  2. the export in a fresh subprocess (time around the call, peak RSS)  -> export GB/s of base weights
-  3. the same subprocess importing everything and exporting nothing     -> interpreter baseline RSS
-  4. model_fingerprint over the base                                    -> hashing GB/s (the default pre-check)
-Writes bench/results/export.json and prints a table row. The 70B estimate scales the measured
-rates to 140 GB of bf16 weights (+ 280 GB of fp32 logits, in the same proportion as here).
+  1. raw sequential read of the base weight files (16 MB reads)          -> read GB/s
+  2. the export in a fresh subprocess with --workers 1 and 2, alternating, ``--repeats`` times each
+     (time around the call, CPU time of the process and its workers, peak RSS) -> GB/s of base weights
+  3. the same subprocess importing everything and exporting nothing      -> interpreter baseline RSS
+  4. model_fingerprint over the base                                     -> hashing GB/s (the default pre-check)
+Figures are medians over the repeats; the load average before and after is recorded, since other
+jobs on the machine slow every figure. Writes bench/results/export.json and prints a table row. The
+70B estimates scale the measured rates to 140 GB of bf16 weights (+ 280 GB of fp32 logits, in the
+same proportion as here); the 16-core one assumes the 2-worker efficiency holds and storage keeps up.
 
     python -m bench.export [--hidden 8192 --intermediate 28672 --kv 1024 --layers 1] [--formats hf-dense,mask]
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +30,7 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, sys, time
+import json, os, resource, sys, time
 import torch
 
 def peak_rss():  # VmHWM: this process image only (ru_maxrss would carry the parent's peak across exec)
@@ -34,13 +39,15 @@ def peak_rss():  # VmHWM: this process image only (ru_maxrss would carry the par
             return int(line.split()[1]) * 1024
 
 from maskpro_ds.export import export_checkpoint
-step, base, out, formats, threads = sys.argv[1:6]
-torch.set_num_threads(int(threads))
-t0 = time.perf_counter()
+step, base, out, formats, workers = sys.argv[1:6]
+torch.set_num_threads(1)
+t0, c0 = time.perf_counter(), os.times()
 if formats != "none":
-    export_checkpoint(step, base, out, formats, fingerprint_check=False, progress=False)
-elapsed = time.perf_counter() - t0
-print(json.dumps({"seconds": elapsed, "peak_rss": peak_rss()}))
+    export_checkpoint(step, base, out, formats, fingerprint_check=False, progress=False, workers=int(workers))
+elapsed, c1 = time.perf_counter() - t0, os.times()
+cpu = sum(getattr(c1, k) - getattr(c0, k) for k in ("user", "system", "children_user", "children_system"))
+workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # largest worker process
+print(json.dumps({"seconds": elapsed, "cpu_seconds": cpu, "peak_rss": peak_rss(), "workers_peak_rss": workers_rss}))
 """
 
 
@@ -71,10 +78,11 @@ def read_all(paths: list[Path]) -> tuple[int, float]:
     return total, time.perf_counter() - t0
 
 
-def run_child(step: Path, base: Path, out: Path, formats: str, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(step), str(base), str(out), formats, str(threads)],
+def run_child(step: Path, base: Path, out: Path, formats: str, workers: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(step), str(base), str(out), formats, str(workers)],
                           capture_output=True, text=True, check=True, env=env)
+    shutil.rmtree(out, ignore_errors=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -85,8 +93,7 @@ def main() -> None:
     parser.add_argument("--kv", type=int, default=1024, help="rows of k_proj/v_proj (GQA)")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--formats", default="hf-dense,mask")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the export (1: on 2-core VMs a second thread slows small ops down)")
+    parser.add_argument("--repeats", type=int, default=3, help="exports per worker count, alternating")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed after)")
     parser.add_argument("--out", default="bench/results/export.json")
     args = parser.parse_args()
@@ -94,6 +101,8 @@ def main() -> None:
     from maskpro_ds.formats.hashing import model_fingerprint
     from tests.synthetic import write_random_base, write_synthetic_checkpoint
 
+    load_before = os.getloadavg()
+    runs: dict[int, list[dict]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         tensors, shapes = llama_layers(args.hidden, args.intermediate, args.kv, args.layers)
@@ -101,41 +110,62 @@ def main() -> None:
         step = write_synthetic_checkpoint(tmp / "run", shapes, 2, 4, 2, {"path": str(base), "fingerprint": None})
         weight_files = sorted(base.glob("*.safetensors"))
         largest = max(s[0] * s[1] * 2 for s in shapes.values())
-        read_all(weight_files + sorted(step.glob("*.safetensors")))  # warm the page cache for both
+        read_all(weight_files + sorted(step.glob("*.safetensors")))  # warm the page cache for all
         base_bytes, read_s = read_all(weight_files)
-        export = run_child(step, base, tmp / "out", args.formats, args.threads)
-        idle = run_child(step, base, tmp / "none", "none", args.threads)
+        for _ in range(args.repeats):
+            for workers in runs:
+                runs[workers].append(run_child(step, base, tmp / "out", args.formats, workers))
+        idle = run_child(step, base, tmp / "none", "none", 1)
         t0 = time.perf_counter()
         model_fingerprint(base)
         fp_s = time.perf_counter() - t0
+    load_after = os.getloadavg()
 
     gb = base_bytes / 1e9
-    read_gbps, gbps, fp_gbps = gb / read_s, gb / export["seconds"], gb / fp_s
+    seconds = {w: statistics.median(r["seconds"] for r in rs) for w, rs in runs.items()}
+    rate = {w: gb / s for w, s in seconds.items()}
+    one = runs[1][0]
+    read_gbps, fp_gbps = gb / read_s, gb / fp_s
+    speedup = rate[2] / rate[1]
+    rate_16 = 16 * rate[1] * speedup / 2  # 16 workers at the 2-worker efficiency
     result = {
-        "throughput_over_read": gbps / read_gbps,
-        "peak_rss_over_largest_tensor": export["peak_rss"] / largest,
-        "peak_rss_above_baseline_over_largest_tensor": (export["peak_rss"] - idle["peak_rss"]) / largest,
-        "gb_per_s": gbps,
+        "gb_per_s_per_core_1_worker": rate[1],
+        "gb_per_s_2_workers": rate[2],
+        "speedup_2_workers": speedup,
+        "cpu_seconds_per_gb_1_worker": statistics.median(r["cpu_seconds"] for r in runs[1]) / gb,
+        "cpu_seconds_per_gb_2_workers": statistics.median(r["cpu_seconds"] for r in runs[2]) / gb,
+        "worker_peak_rss_over_largest_tensor": max(r["workers_peak_rss"] for r in runs[2]) / largest,
+        "throughput_over_read": rate[2] / read_gbps,
+        "peak_rss_over_largest_tensor": one["peak_rss"] / largest,
+        "peak_rss_above_baseline_over_largest_tensor": (one["peak_rss"] - idle["peak_rss"]) / largest,
+        "gb_per_s": rate[2],
         "read_gb_per_s": read_gbps,
         "fingerprint_gb_per_s": fp_gbps,
         "base_gb": gb,
         "largest_tensor_gb": largest / 1e9,
-        "peak_rss_gb": export["peak_rss"] / 1e9,
+        "peak_rss_gb": one["peak_rss"] / 1e9,
         "baseline_rss_gb": idle["peak_rss"] / 1e9,
         "formats": args.formats,
-        "threads": args.threads,
+        "threads": 1,
         "shapes": f"hidden {args.hidden}, intermediate {args.intermediate}, kv {args.kv}, {args.layers} layers, bf16",
-        "est_70b_minutes": 140 / gbps / 60,
-        "est_70b_minutes_with_fingerprint": (140 / gbps + 140 / fp_gbps) / 60,
-        "page_cache": "warm (every input read once before both measurements)",
+        "est_70b_minutes": 140 / rate[2] / 60,
+        "est_70b_minutes_with_fingerprint": (140 / rate[2] + 140 / fp_gbps) / 60,
+        "est_70b_minutes_16_workers": 140 / rate_16 / 60,
+        "seconds_1_worker": [round(r["seconds"], 3) for r in runs[1]],
+        "seconds_2_workers": [round(r["seconds"], 3) for r in runs[2]],
+        "cores": len(os.sched_getaffinity(0)),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "page_cache": "warm (every input read once before the measurements)",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| base GB | read GB/s | export GB/s | export/read | peak RSS / largest tensor | 70B est. (min) |")
-    print(f"| {gb:.2f} | {read_gbps:.2f} | {gbps:.3f} | {result['throughput_over_read']:.3f} | "
-          f"{result['peak_rss_over_largest_tensor']:.2f} ({result['peak_rss_above_baseline_over_largest_tensor']:.2f} above baseline) | "
-          f"{result['est_70b_minutes']:.0f} (+{140 / fp_gbps / 60:.0f} fingerprint) |")
+    print("| base GB | read GB/s | 1 worker GB/s | 2 workers GB/s | speedup | peak RSS / largest tensor (worker) | 70B est. (min, 2 / 16 workers) |")
+    print(f"| {gb:.2f} | {read_gbps:.2f} | {rate[1]:.3f} | {rate[2]:.3f} | {speedup:.2f} | "
+          f"{result['peak_rss_over_largest_tensor']:.2f} ({result['worker_peak_rss_over_largest_tensor']:.2f}) | "
+          f"{result['est_70b_minutes']:.1f} / {result['est_70b_minutes_16_workers']:.1f} |")
+    print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} on {result['cores']} cores")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 ```
 maskpro-export CHECKPOINT --base MODEL_DIR --out DIR [--format hf-dense,mask,ct-sparse24,logits]
     [--max-shard-size 5GB] [--force] [--logits-dtype fp16|fp32] [--no-fingerprint-check] [--verify]
-maskpro-export apply --mask MASK_DIR --base MODEL_DIR --out DIR [--format hf-dense,...]
+    [--workers N]
+maskpro-export apply --mask MASK_DIR --base MODEL_DIR --out DIR [--format hf-dense,...] [--workers N]
 maskpro-inspect EXPORT_DIR_OR_CHECKPOINT_OR_MASK_DIR [--base MODEL_DIR] [--json]
 ```
 Every format goes to ``DIR/<format>/``. User errors print one line naming the file or option and
@@ -24,6 +25,7 @@ from maskpro_ds.export.pipeline import apply_mask, default_base, export_checkpoi
 from maskpro_ds.export.sinks.logits import LOGITS_DTYPES
 from maskpro_ds.export.sinks.registry import FORMATS
 from maskpro_ds.export.verify import verify_export
+from maskpro_ds.export.workers import default_workers
 from maskpro_ds.formats.checkpoint_format import read_manifest, verify_checksums
 from maskpro_ds.formats.mask_artifact import MASK_MANIFEST, read_mask_artifact
 
@@ -33,18 +35,24 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory; each format goes to OUT/<format>/")
     parser.add_argument("--format", default="hf-dense",
-                        help=f"comma-separated formats among {', '.join(FORMATS)} (default hf-dense)")
+                        help=f"comma-separated formats among {', '.join(FORMATS)} (default hf-dense; "
+                             "ct-sparse24 is a legacy format for compressed-tensors <= 0.14 stacks, "
+                             "see docs/deploy.md)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file written (default 5GB)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new export is complete)")
     parser.add_argument("--no-fingerprint-check", action="store_true",
                         help="skip hashing the base to check it is the model the masks were made from")
     parser.add_argument("--verify", action="store_true", help="re-read and check the export before giving it its final name")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes sharing the pass (default: the cores available, "
+                             f"{default_workers()} here); the output is the same for any count")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _options(args) -> dict:
     return {"max_shard_size": args.max_shard_size, "force": args.force, "verify": args.verify,
-            "fingerprint_check": not args.no_fingerprint_check, "progress": False if args.no_progress else None}
+            "fingerprint_check": not args.no_fingerprint_check, "workers": args.workers,
+            "progress": False if args.no_progress else None}
 
 
 def _export(argv: list[str]) -> int:

@@ -4,11 +4,13 @@ Order of work (each step can refuse, and nothing is written before the pass star
 1. open the mask source (checkpoint manifest + shard headers, or mask artifact) and the base headers;
 2. every masked layer must exist in the base with the recorded shape; the base fingerprint must
    equal the one the source records (unless the caller opts out);
-3. inside ``atomic_directory(out)``: one pass over the base tensors in file order. An unmasked
-   tensor is copied byte for byte (in the kernel when it can be); a masked weight is processed in
-   row blocks of ``chunk_elements``: the block's mask (and logits) from the source, a strict N:M
-   check, the pruned weights ``torch.where(mask, w, 0)``, then each format writes its slice at its
-   planned offset. Memory is a few blocks, whatever the model size.
+3. inside ``atomic_directory(out)``: one pass over the base tensors, cut into tasks (row ranges of
+   the masked weights, whole unmasked tensors) that ``workers`` processes share (workers.py); the
+   bytes are the same for any worker count. An unmasked tensor is copied byte for byte (in the
+   kernel when it can be); a masked weight is processed in row blocks of ``chunk_elements``: the
+   block's mask (and logits) from the source, a strict N:M check, the pruned weights
+   ``torch.where(mask, w, 0)`` and the packed bits (fused.py), then each format writes its slice at
+   its planned offset. Memory is a few blocks per worker, whatever the model size.
 4. each format finishes (index, configs, manifests), ``export.json`` records the run, and with
    ``verify`` the whole export is re-read and checked before it gets its final name.
 
@@ -23,22 +25,23 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from maskpro_ds.export.base_model import BaseModel
-from maskpro_ds.export.manifest import DEFAULT_CHUNK_ELEMENTS, EXPORT_FORMAT, EXPORT_MANIFEST
+from maskpro_ds.export.manifest import EXPORT_FORMAT, EXPORT_MANIFEST
 from maskpro_ds.export.sinks.base import ExportOptions, SinkContext
 from maskpro_ds.export.sinks.registry import SINKS, parse_formats
 from maskpro_ds.export.sources import ArtifactMasks, CheckpointMasks
 from maskpro_ds.export.verify import verify_export
+from maskpro_ds.export.workers import ExportJob, default_workers, plan_tasks, run_tasks
 from maskpro_ds.formats.atomic import atomic_directory
 from maskpro_ds.formats.checkpoint_format import MANIFEST, resolve_checkpoint
 from maskpro_ds.formats.hashing import model_fingerprint
-from maskpro_ds.formats.safetensors_io import Reader, parse_size
-from maskpro_ds.masks.nm import nm_violations
+from maskpro_ds.formats.safetensors_io import parse_size
 
 log = logging.getLogger(__name__)
+
+BLOCK_ELEMENTS = 1 << 18  # weights per block of the pass: its buffers (1 MB of logits) stay in cache
 
 
 def check_fingerprint(base: BaseModel, recorded: str | None, source: str) -> bool:
@@ -54,50 +57,36 @@ def check_fingerprint(base: BaseModel, recorded: str | None, source: str) -> boo
     return True
 
 
-def _stream(base: BaseModel, source, masked, sinks, chunk_elements: int, progress: bool | None) -> dict:
-    """The single pass; returns per-layer statistics for export.json."""
+def _stream(base: BaseModel, source, masked, sinks, chunk_elements: int, workers: int, progress: bool | None) -> dict:
+    """The single pass, on ``workers`` processes; returns per-layer statistics for export.json."""
     needs_weights = any(s.needs_weights for s in sinks)
     layer_of = {info.name: layer for layer, info in masked.items()}
     tensors = base.ordered() if needs_weights else [masked[layer] for layer in source.shapes]
-    stats = {}
-    reader = Reader()
-    bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, unit_divisor=1024,
+    tasks = plan_tasks(tensors, layer_of)
+    bar = tqdm(total=sum(t.nbytes for t in tasks), unit="B", unit_scale=True, unit_divisor=1024,
                desc="export", disable=None if progress is None else not progress)
     try:
-        for info in tensors:
-            layer = layer_of.get(info.name)
-            if layer is None:
-                for sink in sinks:
-                    sink.passthrough(info, reader)
-                bar.update(info.nbytes)
-                continue
-            out_f, in_f = info.shape
-            rows = max(1, chunk_elements // in_f)
-            for r0 in range(0, out_f, rows):
-                r1 = min(out_f, r0 + rows)
-                mask, logits = source.rows(layer, r0, r1)
-                bad = nm_violations(mask, source.n, source.m)
-                if bad.numel():
-                    raise ValueError(f"{source.path}: layer {layer} is not strict {source.n}:{source.m} in "
-                                     f"{bad.numel()} groups of rows {r0}..{r1}; refusing to export it")
-                pruned = torch.where(mask, reader.read_rows(info, r0, r1), 0) if needs_weights else None
-                for sink in sinks:
-                    sink.masked_rows(layer, r0, pruned, mask, logits)
-                bar.update((r1 - r0) * info.row_bytes)
-            # strict N:M was checked block by block, so the kept count follows from the shape
-            stats[layer] = {"shape": [out_f, in_f], "kept": out_f * in_f // source.m * source.n}
+        run_tasks(ExportJob(source, sinks, chunk_elements), tasks, workers, lambda task: bar.update(task.nbytes))
     finally:
         bar.close()
-        reader.close()
-    return stats
+    # strict N:M was checked block by block, so the kept count follows from the shape
+    return {layer: {"shape": [out_f, in_f], "kept": out_f * in_f // source.m * source.n}
+            for layer, (out_f, in_f) in ((layer_of[t.name], t.shape) for t in tensors if t.name in layer_of)}
 
 
 def run_export(source, base_dir: str | os.PathLike, out: str | os.PathLike, formats, *, max_shard_size="5GB",
                force: bool = False, logits_dtype: str = "fp32", fingerprint_check: bool = True,
-               verify: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+               verify: bool = False, chunk_elements: int = BLOCK_ELEMENTS, workers: int | None = None,
                progress: bool | None = None) -> Path:
-    """Export the masks of ``source`` (CheckpointMasks or ArtifactMasks) applied to ``base_dir``."""
+    """Export the masks of ``source`` (CheckpointMasks or ArtifactMasks) applied to ``base_dir``.
+
+    ``workers``: processes for the pass (default: every core this process may use); the output
+    bytes are the same for any count. ``chunk_elements``: weights per block inside a task.
+    """
     formats = parse_formats(formats)
+    workers = default_workers() if workers is None else workers
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be a positive integer; got {workers!r}")
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"--out {out} already exists; pass --force to overwrite it, or choose another --out")
@@ -114,7 +103,7 @@ def run_export(source, base_dir: str | os.PathLike, out: str | os.PathLike, form
         try:
             for fmt in formats:  # appended as made, so a failure can close the ones already open
                 sinks.append(SINKS[fmt](SinkContext(tmp / fmt, base, masked, source, options)))
-            stats = _stream(base, source, masked, sinks, chunk_elements, progress)
+            stats = _stream(base, source, masked, sinks, chunk_elements, workers, progress)
             results = {sink.format: sink.finish() for sink in sinks}
         except BaseException:
             for sink in sinks:

@@ -1,11 +1,13 @@
 """Where final masks come from, a row range at a time: a training checkpoint or a mask artifact.
 
 From a checkpoint, a layer's mask is ``topn_mask`` over its consolidated logits viewed as
-``[out, in]`` (lower column wins ties). The logits of rows ``[r0, r1)`` are the groups
-``[r0 * in/M, r1 * in/M)``, read from whichever rank shards hold them, so the world size the run
-used does not matter and no layer is ever loaded whole. From a mask artifact the packed bits of the
-same rows are read and unpacked. Either source checks the content hashes its manifest records before
-anything is exported (one read of every shard, several at a time).
+``[out, in]`` (lower column wins ties; computed by export/fused.py's block kernel). The logits of
+rows ``[r0, r1)`` are the groups ``[r0 * in/M, r1 * in/M)``, read with positional reads from
+whichever rank shards hold them, so the world size the run used does not matter and no layer is
+ever loaded whole. From a mask artifact the packed bits of the same rows are read and unpacked.
+Sources hold no open file between processes: a copy sent to an export worker opens its own.
+Either source checks the content hashes its manifest records before anything is exported (one read
+of every shard, several at a time).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from maskpro_ds.formats.checkpoint_format import MANIFEST, load_layer_logits, read_manifest, verify_checksums
+from maskpro_ds.export.fused import BlockKernel, NanLogits
+from maskpro_ds.formats.checkpoint_format import MANIFEST, read_manifest, verify_checksums
 from maskpro_ds.formats.mask_artifact import MASK_FILE, read_mask_artifact
-from maskpro_ds.formats.safetensors_io import Reader, read_header
-from maskpro_ds.masks.nm import topn_mask, unpack_bits
+from maskpro_ds.formats.safetensors_io import Reader, TensorInfo, read_header
 
 
 class CheckpointMasks:
@@ -41,21 +44,51 @@ class CheckpointMasks:
             self.shapes[layer.name] = layer.shape
         self.base_fingerprint = self.manifest.base_fingerprint
         self.meta = {"run_id": self.manifest.run_id, "step": self.manifest.step}
+        self._reader = Reader()
+        self._shard_tensors: dict[str, dict[str, TensorInfo]] = {}  # shard file -> header, read on first use
 
-    def rows(self, name: str, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bool mask ``[r1 - r0, in]``, fp32 logits ``[(r1 - r0) * in/M, M]``) of rows ``[r0, r1)``."""
+    def _tensor(self, shard_file: str, name: str) -> TensorInfo:
+        if shard_file not in self._shard_tensors:
+            self._shard_tensors[shard_file] = read_header(self.path / shard_file)[0]
+        return self._shard_tensors[shard_file][name]
+
+    def read_logits(self, name: str, g0: int, g1: int, kernel: BlockKernel) -> np.ndarray:
+        """fp32 logits ``[g1 - g0, M]`` of groups ``[g0, g1)``: a view of the mapped shard (or a kernel
+        buffer where the range spans shards), valid until the next block."""
+        shards = [s for s in self.manifest.shards if max(s.group_ranges[name][0], g0) < min(s.group_ranges[name][1], g1)]
+        if len(shards) == 1:  # the usual case: one rank's shard holds the block
+            s0 = shards[0].group_ranges[name][0]
+            info = self._tensor(shards[0].file, name)
+            if info.dtype == "F32":
+                raw = kernel.files.view(info.path, info.start + (g0 - s0) * self.m * 4, (g1 - g0) * self.m * 4)
+                return raw.view(np.float32).reshape(g1 - g0, self.m)
+        out = kernel.buffer("logits", (g1 - g0) * self.m, np.float32).reshape(g1 - g0, self.m)
+        for shard in shards:
+            s0, s1 = shard.group_ranges[name]
+            lo, hi = max(s0, g0), min(s1, g1)
+            if lo >= hi:
+                continue
+            info = self._tensor(shard.file, name)
+            if info.dtype == "F32":
+                self._reader.read_into(info.path, info.start + (lo - s0) * self.m * 4, out[lo - g0:hi - g0])
+            else:  # a checkpoint written with other logit dtypes: convert
+                out[lo - g0:hi - g0] = self._reader.read_rows(info, lo - s0, hi - s0).to(torch.float32).numpy()
+        return out
+
+    def keep_rows(self, name: str, r0: int, r1: int, kernel: BlockKernel) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 keep ``[r1 - r0, in]``, fp32 logits ``[(r1 - r0) * in/M, M]``) of rows ``[r0, r1)``."""
         in_f = self.shapes[name][1]
         per_row = in_f // self.m
-        logits = load_layer_logits(self.manifest, name, (r0 * per_row, r1 * per_row))
+        logits = self.read_logits(name, r0 * per_row, r1 * per_row, kernel)
         try:
-            mask = topn_mask(logits.reshape(r1 - r0, in_f), self.n, self.m)
-        except ValueError as e:
-            raise ValueError(f"{self.path}: layer {name}, rows {r0}..{r1}: {e}; the checkpoint is corrupt, "
+            keep = kernel.keep_from_logits(logits)
+        except NanLogits as e:
+            raise ValueError(f"{self.path}: layer {name}, rows {r0}..{r1}: {e} (NaN); the checkpoint is corrupt, "
                              "use an earlier one") from e
-        return mask, logits
+        return keep.reshape(r1 - r0, in_f), logits
 
     def close(self) -> None:
-        pass
+        self._reader.close()
 
 
 class ArtifactMasks:
@@ -82,9 +115,10 @@ class ArtifactMasks:
                                  f"U8 [{out_f}, {(in_f + 7) // 8}]; the artifact is corrupt, re-create it")
         self._reader = Reader()
 
-    def rows(self, name: str, r0: int, r1: int) -> tuple[torch.Tensor, None]:
-        in_f = self.shapes[name][1]
-        return unpack_bits(self._reader.read_rows(self.packed[name], r0, r1), in_f), None
+    def keep_rows(self, name: str, r0: int, r1: int, kernel: BlockKernel) -> tuple[np.ndarray, None]:
+        """(uint8 keep ``[r1 - r0, in]``, None) of rows ``[r0, r1)``; strictness is the caller's check."""
+        packed = self._reader.read_rows(self.packed[name], r0, r1).numpy()
+        return kernel.keep_from_packed(packed, self.shapes[name][1]), None
 
     def close(self) -> None:
         self._reader.close()

@@ -165,7 +165,11 @@ class MaskArtifactWriter:
 
     def write_rows(self, layer: str, r0: int, mask: torch.Tensor) -> None:
         """Rows ``[r0, r0 + len(mask))`` of ``layer``'s bool mask."""
-        self.writer.write(layer, r0 * self._row_bytes[layer], tensor_bytes(pack_bits(mask)))
+        self.write_packed_rows(layer, r0, tensor_bytes(pack_bits(mask)))
+
+    def write_packed_rows(self, layer: str, r0: int, packed: memoryview) -> None:
+        """Whole rows of ``layer`` from row ``r0``, already packed (the bytes of nm.pack_bits rows)."""
+        self.writer.write(layer, r0 * self._row_bytes[layer], packed)
 
     def finish(self) -> dict:
         self.writer.close()

@@ -91,10 +91,14 @@ def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
 
 
 class Reader:
-    """Positional reads from safetensors files, one open descriptor per file."""
+    """Positional reads from safetensors files, one open descriptor per file (opened on first use,
+    so a copy sent to another process opens its own)."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+
+    def __getstate__(self) -> dict:
+        return {"_fds": {}}
 
     def fd(self, path: Path) -> int:
         if path not in self._fds:
@@ -105,6 +109,12 @@ class Reader:
         buf = bytearray(length)
         _pread_into(self.fd(path), memoryview(buf), offset, path)
         return buf
+
+    def read_into(self, path: Path, offset: int, out) -> None:
+        """Fill the writable buffer ``out`` (e.g. a numpy array) with the bytes at ``offset``."""
+        view = memoryview(out).cast("B")
+        if len(view):
+            _pread_into(self.fd(path), view, offset, path)
 
     def read_rows(self, info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
         """Rows ``[r0, r1)`` of a tensor as a fresh (writable) torch tensor of its dtype."""
@@ -207,44 +217,71 @@ class ShardedWriter:
     """Write planned safetensors files whose tensors are filled piecewise, in any order.
 
     ``files`` maps file name -> its tensors in data order. Every byte of every tensor must be written
-    exactly once before :meth:`close`, which checks it and fsyncs.
+    exactly once before :meth:`close`, which checks it and fsyncs. Several processes may write into
+    the same planned files (positional writes never overlap): a copy of the writer sent to another
+    process re-opens the files by path, and what each process wrote comes back to the original
+    through :meth:`take_written` / :meth:`add_written` so that the completeness check covers it.
     """
 
     def __init__(self, directory: Path, files: dict[str, list[PlannedTensor]], metadata: dict[str, str] | None):
         self.directory = directory
-        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, start, nbytes)
-        self._written: dict[str, int] = {}
+        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (file index, start, nbytes)
+        self._written: dict[str, int] = {}  # bytes accounted for, per tensor
+        self._pending: dict[str, int] = {}  # bytes this process wrote since the last take_written()
+        self._paths: list[Path] = []
         self._fds: list[int] = []
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         for file_name, tensors in files.items():
             prefix, starts = encode_header(tensors, metadata)
             fd = os.open(directory / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._paths.append(directory / file_name)
             self._fds.append(fd)
             _pwrite_all(fd, memoryview(prefix), 0)
             os.ftruncate(fd, len(prefix) + sum(t.nbytes for t in tensors))
             for t in tensors:
                 assert t.name not in self._where, f"tensor {t.name} planned twice"
-                self._where[t.name] = (fd, starts[t.name], t.nbytes)
+                self._where[t.name] = (len(self._fds) - 1, starts[t.name], t.nbytes)
                 self._written[t.name] = 0
                 self.weight_map[t.name] = file_name
                 self.total_size += t.nbytes
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": []}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._fds = [os.open(path, os.O_WRONLY) for path in self._paths]  # planned and sized already
+
+    def _count(self, name: str, nbytes: int) -> None:
+        self._pending[name] = self._pending.get(name, 0) + nbytes
+
     def write(self, name: str, offset: int, data: memoryview) -> None:
         """Write ``data`` at byte ``offset`` inside tensor ``name``."""
-        fd, start, nbytes = self._where[name]
+        index, start, nbytes = self._where[name]
         assert offset + len(data) <= nbytes, f"{name}: write past the end of the tensor"
-        _pwrite_all(fd, data, start + offset)
-        self._written[name] += len(data)
+        _pwrite_all(self._fds[index], data, start + offset)
+        self._count(name, len(data))
 
     def copy(self, name: str, src_fd: int, src_offset: int) -> None:
         """Fill tensor ``name`` entirely with bytes copied from another file."""
-        fd, start, nbytes = self._where[name]
-        copy_range(src_fd, src_offset, fd, start, nbytes)
-        self._written[name] += nbytes
+        index, start, nbytes = self._where[name]
+        copy_range(src_fd, src_offset, self._fds[index], start, nbytes)
+        self._count(name, nbytes)
+
+    def take_written(self) -> dict[str, int]:
+        """Bytes per tensor this process wrote since the last call (and forget them here)."""
+        pending, self._pending = self._pending, {}
+        return pending
+
+    def add_written(self, counts: dict[str, int]) -> None:
+        """Account for bytes written (by this process or another one) towards :meth:`close`'s check."""
+        for name, nbytes in counts.items():
+            self._written[name] += nbytes
 
     def close(self) -> None:
         try:
+            self.add_written(self.take_written())
             for name, (_, _, nbytes) in self._where.items():
                 assert self._written[name] == nbytes, f"{name}: wrote {self._written[name]} of {nbytes} bytes"
             for fd in self._fds:

@@ -179,22 +179,26 @@ KILL_SCRIPT = """
 import os, signal, sys
 from maskpro_ds.export import export_checkpoint, sources
 calls = [0]
-rows = sources.CheckpointMasks.rows
-def rows_then_die(self, *args):
+keep_rows = sources.CheckpointMasks.keep_rows
+def keep_rows_then_die(self, *args):
     calls[0] += 1
     if calls[0] == 20:  # well into the pass: several layers already written
         os.kill(os.getpid(), signal.SIGKILL)
-    return rows(self, *args)
-sources.CheckpointMasks.rows = rows_then_die
+    return keep_rows(self, *args)
+sources.CheckpointMasks.keep_rows = keep_rows_then_die
 export_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], "hf-dense,mask,ct-sparse24", max_shard_size="20KB",
-                  chunk_elements=1000, progress=False)
+                  chunk_elements=1000, workers=int(sys.argv[4]), progress=False)
 """
+
+
+def run_kill_script(world, out: Path, workers: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(world["step"]), str(world["base"]), str(out),
+                           str(workers)], cwd=Path(__file__).resolve().parents[2], capture_output=True, timeout=120)
 
 
 def test_killed_export_leaves_nothing_finished(world, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(world["step"]), str(world["base"]), str(out)],
-                          cwd=Path(__file__).resolve().parents[2], capture_output=True, timeout=120)
+    proc = run_kill_script(world, out, workers=1)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not out.exists()
     leftovers = list(tmp_path.glob(".tmp-out-*"))
@@ -206,3 +210,12 @@ def test_killed_export_leaves_nothing_finished(world, tmp_path):
     export_checkpoint(world["step"], world["base"], out, "hf-dense", **OPTS)
     weights = load_file(out / "hf-dense" / sorted(p.name for p in (out / "hf-dense").glob("model-*"))[0])
     assert all(t.dtype in (torch.bfloat16,) for t in weights.values())
+
+
+def test_killed_worker_fails_the_export_cleanly(world, tmp_path):
+    """A worker killed mid-pass (the OOM killer, say): the parent stops with a clear error, no output."""
+    out = tmp_path / "out"
+    proc = run_kill_script(world, out, workers=2)
+    assert proc.returncode == 1, proc.stderr.decode()[-2000:]
+    assert "an export worker process died" in proc.stderr.decode()
+    assert_nothing_finished(out)

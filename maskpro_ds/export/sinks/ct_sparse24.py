@@ -14,7 +14,15 @@ from __future__ import annotations
 import torch
 
 from maskpro_ds.export.base_model import BaseModel
-from maskpro_ds.export.sinks.base import CheckContext, CheckFailed, ExportOptions, RowView, SinkContext
+from maskpro_ds.export.sinks.base import (
+    CheckContext,
+    CheckFailed,
+    ExportOptions,
+    RowBlock,
+    RowView,
+    SinkContext,
+    raw_bytes,
+)
 from maskpro_ds.export.sinks.hf_dense import (
     check_index,
     copy_side_files,
@@ -30,7 +38,7 @@ from maskpro_ds.formats.safetensors_io import (
     iter_row_chunks,
     tensor_bytes,
 )
-from maskpro_ds.masks.nm import nm_violations, pack_bits, unpack_bits
+from maskpro_ds.masks.nm import nm_violations, unpack_bits
 
 CT_VERSION = "0.14.0"
 SUFFIXES = ("compressed", "bitmask", "shape")
@@ -68,12 +76,6 @@ def ignored_modules(base: BaseModel, masked: set[str]) -> list[str]:
             if module not in masked and "embed" not in module:
                 names.append(module)
     return sorted(names)
-
-
-def compress_rows(pruned: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(compressed ``[r, in/2]``, bitmask ``[r, ceil(in/8)]``) of a strict 2:4 row block."""
-    rows, in_f = mask.shape
-    return pruned[mask].reshape(rows, in_f // 2), pack_bits(mask)
 
 
 def decompress(compressed: torch.Tensor, bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -184,14 +186,17 @@ class CtSparse24Sink:
             self.writer.write(f"{layer}.shape", 0, tensor_bytes(torch.tensor(list(info.shape), dtype=torch.int64).reshape(-1, 1)))
         # global_sparsity: the share of exactly-zero values over all floating tensors of the dense
         # model, the quantity llm-compressor records (parameters that are == 0 / all parameters).
-        self.zeros = 0
+        self.zeros = 0  # this process's counts since its last tally()
         self.numel = 0
+        self._zeros_total = 0  # absorbed from every process
+        self._numel_total = 0
 
-    def masked_rows(self, layer: str, r0: int, pruned: torch.Tensor, mask: torch.Tensor, logits) -> None:
-        compressed, bitmask = compress_rows(pruned, mask)
-        in_f = mask.shape[1]
+    def masked_rows(self, layer: str, block: RowBlock) -> None:
+        pruned, r0 = block.pruned, block.r0
+        in_f = pruned.shape[1]
+        compressed = pruned[block.mask].reshape(pruned.shape[0], in_f // 2)
         self.writer.write(f"{layer}.compressed", r0 * (in_f // 2) * pruned.element_size(), tensor_bytes(compressed))
-        self.writer.write(f"{layer}.bitmask", r0 * ((in_f + 7) // 8), tensor_bytes(bitmask))
+        self.writer.write(f"{layer}.bitmask", r0 * ((in_f + 7) // 8), raw_bytes(block.packed_bits))
         self.zeros += int((pruned == 0).sum())
         self.numel += pruned.numel()
 
@@ -202,7 +207,19 @@ class CtSparse24Sink:
                 self.zeros += int((block == 0).sum())
                 self.numel += block.numel()
 
+    def tally(self) -> dict:
+        counts = {"written": self.writer.take_written(), "zeros": self.zeros, "numel": self.numel}
+        self.zeros = self.numel = 0
+        return counts
+
+    def absorb(self, tally: dict) -> None:
+        self.writer.add_written(tally["written"])
+        self._zeros_total += tally["zeros"]
+        self._numel_total += tally["numel"]
+
     def finish(self) -> dict:
+        self.absorb(self.tally())
+        self.zeros, self.numel = self._zeros_total, self._numel_total
         self.writer.close()
         write_index(self.directory, self.writer)
         config = dense_config(self.base) or self.base.config()

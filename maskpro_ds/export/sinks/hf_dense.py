@@ -13,17 +13,21 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from maskpro_ds.export.base_model import COMPRESSION_KEYS, BaseModel
-from maskpro_ds.export.sinks.base import CheckContext, ExportOptions, RowView, SinkContext
+from maskpro_ds.export.sinks.base import (
+    CheckContext,
+    ExportOptions,
+    RowBlock,
+    RowView,
+    SinkContext,
+    raw_bytes,
+)
 from maskpro_ds.formats.safetensors_io import (
     PlannedTensor,
     Reader,
     ShardedWriter,
     TensorInfo,
     plan_shards,
-    tensor_bytes,
 )
 from maskpro_ds.models.hf_dir import INDEX_FILE
 
@@ -125,11 +129,17 @@ class HfDenseSink:
         self.writer = open_model_writer(self.directory, planned, ctx.options.max_shard_bytes)
         self._row_bytes = {layer: info.row_bytes for layer, info in ctx.masked.items()}
 
-    def masked_rows(self, layer: str, r0: int, pruned: torch.Tensor, mask: torch.Tensor, logits) -> None:
-        self.writer.write(f"{layer}.weight", r0 * self._row_bytes[layer], tensor_bytes(pruned))
+    def masked_rows(self, layer: str, block: RowBlock) -> None:
+        self.writer.write(f"{layer}.weight", block.r0 * self._row_bytes[layer], raw_bytes(block.pruned_bits))
 
     def passthrough(self, info: TensorInfo, reader: Reader) -> None:
         self.writer.copy(info.name, reader.fd(info.path), info.start)
+
+    def tally(self) -> dict:
+        return {"written": self.writer.take_written()}
+
+    def absorb(self, tally: dict) -> None:
+        self.writer.add_written(tally["written"])
 
     def finish(self) -> dict:
         self.writer.close()

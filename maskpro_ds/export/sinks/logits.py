@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import json
 
-import torch
+import numpy as np
 
-from maskpro_ds.export.sinks.base import CheckContext, ExportOptions, RowView, SinkContext
+from maskpro_ds.export.sinks.base import (
+    CheckContext,
+    ExportOptions,
+    RowBlock,
+    RowView,
+    SinkContext,
+    raw_bytes,
+)
 from maskpro_ds.formats.dtypes import TORCH_DTYPES, TORCH_TO_ST
 from maskpro_ds.formats.safetensors_io import (
     PlannedTensor,
@@ -21,7 +28,6 @@ from maskpro_ds.formats.safetensors_io import (
     TensorInfo,
     plan_shards,
     read_header,
-    tensor_bytes,
 )
 from maskpro_ds.masks.nm import topn_mask
 
@@ -87,6 +93,7 @@ class LogitsSink:
         self.directory = directory
         self.dtype_name = dtype
         self.dtype = TORCH_DTYPES[dtype]
+        self.np_dtype = np.dtype(str(self.dtype).removeprefix("torch."))  # float32 or float16
         st_dtype = TORCH_TO_ST[self.dtype]
         self.m = m
         planned = [PlannedTensor(name, st_dtype, (out_f * in_f // m, m)) for name, (out_f, in_f) in shapes.items()]
@@ -104,16 +111,23 @@ class LogitsSink:
             **(src.meta or {}),
         }
 
-    def masked_rows(self, layer: str, r0: int, pruned, mask: torch.Tensor, logits: torch.Tensor) -> None:
-        out = logits.to(self.dtype)
-        if self.dtype != torch.float32 and bool(torch.isinf(out).any()) and not bool(torch.isinf(logits).any()):
+    def masked_rows(self, layer: str, block: RowBlock) -> None:
+        logits = block.logits_f32
+        out = logits.astype(self.np_dtype, copy=False)
+        if out is not logits and np.isinf(out).any() and not np.isinf(logits).any():
             raise ValueError(f"--logits-dtype {self.dtype_name}: layer {layer} has logits beyond the fp16 range; "
                              "use --logits-dtype fp32")
-        groups_before = r0 * mask.shape[1] // self.m
-        self.writer.write(layer, groups_before * self.m * out.element_size(), tensor_bytes(out))
+        groups_before = block.r0 * block.keep.shape[1] // self.m
+        self.writer.write(layer, groups_before * self.m * out.itemsize, raw_bytes(out))
 
     def passthrough(self, info, reader) -> None:
         pass
+
+    def tally(self) -> dict:
+        return {"written": self.writer.take_written()}
+
+    def absorb(self, tally: dict) -> None:
+        self.writer.add_written(tally["written"])
 
     def finish(self) -> dict:
         self.writer.close()

@@ -7,9 +7,14 @@ Same directory layout and manifest as every other mask artifact
 
 from __future__ import annotations
 
-import torch
-
-from maskpro_ds.export.sinks.base import CheckContext, ExportOptions, RowView, SinkContext
+from maskpro_ds.export.sinks.base import (
+    CheckContext,
+    ExportOptions,
+    RowBlock,
+    RowView,
+    SinkContext,
+    raw_bytes,
+)
 from maskpro_ds.formats.mask_artifact import MASK_FILE, MaskArtifactWriter, read_mask_artifact
 from maskpro_ds.formats.safetensors_io import read_header
 from maskpro_ds.masks.nm import unpack_bits
@@ -62,11 +67,17 @@ class MaskSink:
         src = ctx.source
         self.writer = MaskArtifactWriter(ctx.directory, src.shapes, src.n, src.m, src.base_fingerprint, src.meta)
 
-    def masked_rows(self, layer: str, r0: int, pruned, mask: torch.Tensor, logits) -> None:
-        self.writer.write_rows(layer, r0, mask)
+    def masked_rows(self, layer: str, block: RowBlock) -> None:
+        self.writer.write_packed_rows(layer, block.r0, raw_bytes(block.packed_bits))
 
     def passthrough(self, info, reader) -> None:
         pass
+
+    def tally(self) -> dict:
+        return {"written": self.writer.writer.take_written()}
+
+    def absorb(self, tally: dict) -> None:
+        self.writer.writer.add_written(tally["written"])
 
     def finish(self) -> dict:
         return self.writer.finish()
