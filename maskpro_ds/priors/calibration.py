@@ -10,9 +10,10 @@ block's inputs. So block k+1 is calibrated on what the pruned blocks 0..k produc
 semantics). Original weights are restored afterwards: the caller's model is unchanged and the
 masks apply to the ORIGINAL weights (docs/method.md §2).
 
-Calibration windows: the text is tokenised once (no special tokens) and ``nsamples`` windows of
-``seqlen`` tokens are cut at evenly spaced, non-overlapping offsets across the whole stream, so a
-run is deterministic without a seed and draws from the whole file rather than its first article.
+Calibration windows: the text is tokenised once and ``nsamples`` windows of ``seqlen`` tokens are
+cut at evenly spaced, non-overlapping offsets across the whole stream, so a run is deterministic
+without a seed and draws from the whole file rather than its first article. Each window is built
+as a training window is (:mod:`maskpro_ds.data.windows`: BOS first when the policy says so).
 """
 
 from __future__ import annotations
@@ -25,25 +26,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from maskpro_ds.data.windows import BosPolicy, bos_id, spaced_windows, text_ids
 from maskpro_ds.models.lazy import ModelHandle
 from maskpro_ds.models.targets import targets_in_block
 
 log = logging.getLogger(__name__)
 
 
-def calibration_tokens(tokenizer, text: str, nsamples: int, seqlen: int) -> torch.Tensor:
+def calibration_tokens(tokenizer, text: str, nsamples: int, seqlen: int, add_bos: BosPolicy = "auto") -> torch.Tensor:
     """``[nsamples, seqlen]`` token ids from evenly spaced non-overlapping windows of ``text``."""
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"need --nsamples >= 1 and --seqlen >= 2; got {nsamples}, {seqlen}")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    total = ids.numel()
-    if total < nsamples * seqlen:
-        raise ValueError(
-            f"--calib holds {total} tokens, fewer than --nsamples x --seqlen = {nsamples * seqlen}; "
-            "pass more text or lower --nsamples/--seqlen"
-        )
-    stride = (total - seqlen) // (nsamples - 1) if nsamples > 1 else 0
-    return torch.stack([ids[i * stride : i * stride + seqlen] for i in range(nsamples)])
+    return spaced_windows(text_ids(tokenizer, text), nsamples, seqlen, bos_id(tokenizer, add_bos, "--add-bos"),
+                          where="--calib")
 
 
 class ColumnSumSq:
