@@ -73,7 +73,8 @@ class ModelHandle:
     layers_prefix: str = ""
     layers: nn.ModuleList = field(default_factory=nn.ModuleList)
     layout: CheckpointLayout | None = None
-    computed: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # block -> its computed buffers
+    # block -> its buffers the checkpoint does not hold: name -> (value built from the config, persistent)
+    computed: dict[int, dict[str, tuple[torch.Tensor, bool]]] = field(default_factory=dict)
 
     def materialize_block(self, index: int) -> nn.Module:
         """Make block ``index`` real (lazy: read its tensors now) and return it."""
@@ -83,7 +84,10 @@ class ModelHandle:
         assert self.files is not None and self.layout is not None
         prefix = f"{self.layers_prefix}.{index}."
         state = {}
+        computed = self.computed.get(index, {})
         for key, current in block.state_dict(keep_vars=True).items():
+            if key in computed:
+                continue  # a buffer the checkpoint does not hold: the value built from the config, below
             if prefix + key not in self.layout:
                 raise ValueError(f"{self.model_dir}: no tensor in the safetensors files makes {prefix + key}; "
                                  "the checkpoint does not match config.json (or use --load eager)")
@@ -91,12 +95,12 @@ class ModelHandle:
             state[key] = self.layout.read(prefix + key, self.files.get).to(device=self.device, dtype=current.dtype)
         self.layout.forget()
         block.load_state_dict(state, assign=True)
-        for name, value in self.computed.get(index, {}).items():
+        for name, (value, persistent) in computed.items():
             if value.is_meta:
                 raise ValueError(f"{prefix}{name}: a computed buffer that config.json does not determine (it is "
                                  "not in the checkpoint and was not built with the model); use --load eager")
             owner, _, leaf = name.rpartition(".")
-            block.get_submodule(owner).register_buffer(leaf, value.to(self.device), persistent=False)
+            block.get_submodule(owner).register_buffer(leaf, value.to(self.device), persistent=persistent)
         return block
 
     def release_block(self, index: int) -> None:
@@ -167,12 +171,14 @@ def _load_top_level(handle: ModelHandle) -> None:
                 sub.register_buffer(leaf, buf.to(handle.device), persistent=leaf not in sub._non_persistent_buffers_set)
 
 
-def _computed_buffers(layers: nn.ModuleList) -> dict[int, dict[str, torch.Tensor]]:
-    """Each block's non-persistent buffers as built from the config (kept while the block is on meta)."""
+def _computed_buffers(layers: nn.ModuleList, prefix: str, layout: CheckpointLayout) -> dict:
+    """Each block's buffers that the checkpoint does not hold (non-persistent ones, and persistent ones
+    it omits), as built from the config; kept aside while the block is on meta."""
     out = {}
     for index, block in enumerate(layers):
         persistent = set(block.state_dict(keep_vars=True))
-        out[index] = {n: b for n, b in block.named_buffers() if n not in persistent}
+        out[index] = {n: (b, n in persistent) for n, b in block.named_buffers()
+                      if n not in persistent or f"{prefix}.{index}.{n}" not in layout}
     return out
 
 
@@ -201,9 +207,10 @@ def open_causal_lm(
     model.eval()
     files = WeightFiles(model_dir)
     layers_prefix, layers = decoder_layers(model)
+    layout = CheckpointLayout(model, files.keys())
     handle = ModelHandle(model=model, model_dir=model_dir, dtype=dtype, device=device, lazy=True, files=files,
-                         layers_prefix=layers_prefix, layers=layers, layout=CheckpointLayout(model, files.keys()),
-                         computed=_computed_buffers(layers))
+                         layers_prefix=layers_prefix, layers=layers, layout=layout,
+                         computed=_computed_buffers(layers, layers_prefix, layout))
     layers.to("meta")  # blocks hold nothing until materialised
     _load_top_level(handle)
     return handle
