@@ -84,8 +84,12 @@ class DataConfig:
     """Number of fixed calibration samples (the paper: 512 C4 documents)."""
     batch_size: int = 4
     """Samples per rank per step; every rank draws its own mask for its batch."""
-    cache_dir: str = ".cache/data"
-    """Where tokenised samples are cached (keyed by source, tokenizer and seqlen)."""
+    cache_dir: str = ""
+    """Where tokenised samples are cached (keyed by source, tokenizer, seqlen and BOS policy);
+    empty = <train.run_dir>/cache/data."""
+    add_bos: Literal["auto", "true", "false"] = "auto"
+    """BOS token at the start of every window (training, baseline, calibration, evaluation): auto = when
+    the tokenizer adds one by default | true | false. See docs/data.md."""
 
 
 @dataclass
@@ -310,6 +314,8 @@ def _coerce(where: str, value: object, annotation: object) -> object:
             raise ValueError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
         return value
     if origin is Literal:  # the allowed values are checked by Config.validate, for every way a value is set
+        if isinstance(value, bool) and str(value).lower() in typing.get_args(annotation):
+            return str(value).lower()  # YAML reads `true`/`false` as booleans
         return _coerce(where, value, type(typing.get_args(annotation)[0]))
     if annotation is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -24,14 +24,18 @@ from maskpro_ds.masks.sampling import key_scalar, sample_masks
 
 class ReferenceMaskPro:
     def __init__(self, model_dir, tokens: torch.Tensor, *, n=2, m=4, c=3.0, lr=20.0, alpha=0.99, seed=0,
-                 batch_size=2, targets=r"\.layers\.\d+\.", order="use_then_refresh", norm="none"):
+                 batch_size=2, targets=r"\.layers\.\d+\.", order="use_then_refresh", norm="none",
+                 exclude=("lm_head",), prior: dict[str, torch.Tensor] | None = None):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         self.tokens, self.n, self.m, self.lr, self.seed, self.batch_size = tokens, n, m, lr, seed, batch_size
         self.layers = [(name, mod) for name, mod in self.model.named_modules()
-                       if isinstance(mod, torch.nn.Linear) and re.search(targets, name)]
-        self.prior = [magnitude_prior(mod.weight, n, m) for _, mod in self.layers]
+                       if isinstance(mod, torch.nn.Linear) and re.search(targets, name)
+                       and not any(re.search(e, name) for e in exclude)]
+        # m0: a prior artifact's masks ([out, in] bool by layer name), else the magnitude prior
+        self.prior = [prior[name] if prior is not None else magnitude_prior(mod.weight, n, m)
+                      for name, mod in self.layers]
         self.logits = [init_logits(p, c, m) for p in self.prior]
         self.tracker = ResidualTracker(alpha=alpha, order=order)
         self.scaler = AdvantageScaler(mode=norm)

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from maskpro_ds.data.windows import BOS_POLICIES
 from maskpro_ds.formats.atomic import atomic_write_text
 
 
@@ -28,6 +29,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--add-bos", default="auto", choices=BOS_POLICIES,
+                   help="BOS at the start of every window / prompt: auto (when the tokenizer adds one by default, "
+                        "as training does), true, false")
     p.add_argument("--json-out", help="also write the result JSON here")
 
 
@@ -68,7 +72,8 @@ def ppl_main(argv: list[str] | None = None) -> int:
         texts = load_texts(args.data, split=args.split, text_field=args.text_field,
                            config=args.dataset_config, split_txt=False)
         model, tokenizer, applied = _load(args)
-        result = perplexity(model, tokenizer, join_texts(texts), args.seqlen, args.max_tokens, args.batch_size)
+        result = perplexity(model, tokenizer, join_texts(texts), args.seqlen, args.max_tokens, args.batch_size,
+                            add_bos=args.add_bos)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: unreachable hub data set
         print(f"maskpro-eval-ppl: error: {e}", file=sys.stderr)
         return 2
@@ -102,7 +107,8 @@ def zeroshot_main(argv: list[str] | None = None) -> int:
         out: dict = {"model": args.model, "mask": applied, "dtype": args.dtype, "tasks": {}}
         for path in args.bigbench:
             name, examples = load_bigbench_task(path, args.limit)
-            out["tasks"][name] = evaluate_multiple_choice(model, tokenizer, examples, name, args.max_length).to_dict()
+            out["tasks"][name] = evaluate_multiple_choice(model, tokenizer, examples, name, args.max_length,
+                                                          add_bos=args.add_bos).to_dict()
         if args.lm_eval_tasks:
             out["lm_eval"] = run_lm_eval(model, tokenizer, args.lm_eval_tasks.split(","), args.lm_eval_include,
                                          args.limit, args.batch_size)

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 
+from maskpro_ds.data.windows import BOS_POLICIES
 from maskpro_ds.formats.mask_artifact import read_mask_artifact
 from maskpro_ds.models.targets import DEFAULT_EXCLUDE
 from maskpro_ds.priors.base import PriorSpec
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="text column of a json/parquet/dataset --calib")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window (default 128)")
+    p.add_argument("--add-bos", default="auto", choices=BOS_POLICIES,
+                   help="BOS at the start of every calibration window: auto (when the tokenizer adds one by "
+                        "default, as training does; default), true, false")
     p.add_argument("--include", action="append", default=[], help="regex; only matching Linears (repeatable)")
     p.add_argument("--exclude", action="append", default=None,
                    help=f"regex of Linears to leave dense (repeatable; default {list(DEFAULT_EXCLUDE)})")
@@ -89,6 +93,7 @@ def _make(args: argparse.Namespace) -> int:
         spec = PriorSpec(
             model=args.model, method=args.method, out=args.out, pattern=args.pattern, calib=args.calib,
             calib_split=args.calib_split, text_field=args.text_field, nsamples=args.nsamples, seqlen=args.seqlen,
+            add_bos=args.add_bos,
             include=args.include, exclude=args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE),
             dtype=args.dtype, load=args.load, device=args.device, batch_size=args.batch_size, force=args.force,
             options=_options(args),

@@ -3,11 +3,11 @@
 The data set of a MaskPro run is small and fixed (hundreds of windows of a few hundred tokens), so
 it is tokenised once, cut into ``num_samples`` windows and cached. Sample ``i`` is the ``i``-th
 non-overlapping ``seqlen`` window of the tokenised text, for a given (source, tokenizer, seqlen,
-text_field, max_documents); the per-sample baseline loss f(m0, ξ) is keyed by this id
+text_field, max_documents, BOS policy); the per-sample baseline loss f(m0, ξ) is keyed by this id
 (:mod:`maskpro_ds.train.baseline_cache`), so it never depends on the step, the batch size or the
-world size. Documents are joined with ``"\\n\\n"`` and tokenised in one call without special
-tokens, then cut into windows with the remainder dropped (the SparseGPT / Wanda perplexity
-protocol, see docs/data.md).
+world size. Documents are joined with ``"\\n\\n"``, tokenised in one call and cut into windows
+with the remainder dropped (the SparseGPT / Wanda perplexity protocol), each window starting with
+BOS when the tokenisation policy says so (:mod:`maskpro_ds.data.windows`, docs/data.md).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from maskpro_ds.data.texts import is_local, load_texts, local_files
+from maskpro_ds.data.windows import BosPolicy, bos_id, cut_windows, text_ids
 from maskpro_ds.formats.atomic import atomic_write_bytes
 from maskpro_ds.formats.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
 # Bump when the cut or the cache layout changes, so old cache files are never reused.
-_SAMPLES_FORMAT = "maskpro_ds.samples/1"
+_SAMPLES_FORMAT = "maskpro_ds.samples/2"  # 2: windows may start with BOS
 
 
 @dataclass
@@ -71,9 +72,10 @@ def tokenizer_identity(tokenizer) -> str:
 
 
 def samples_fingerprint(
-    tokenizer, source: str, *, seqlen: int, split: str, text_field: str, max_documents: int | None
+    tokenizer, source: str, *, seqlen: int, split: str, text_field: str, max_documents: int | None,
+    bos: int | None = None,
 ) -> str:
-    """sha256 of (source content or hub name+split, tokenizer, seqlen, text_field, max_documents)."""
+    """sha256 of (source content or hub name+split, tokenizer, seqlen, text_field, max_documents, BOS id)."""
     key = {
         "format": _SAMPLES_FORMAT,
         "source": source_identity(source, split),
@@ -81,6 +83,7 @@ def samples_fingerprint(
         "seqlen": seqlen,
         "text_field": text_field,
         "max_documents": max_documents,
+        "bos": bos,  # the resolved policy: None = windows without BOS
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -100,14 +103,6 @@ def _read_cached_windows(path: Path, fingerprint: str, seqlen: int) -> torch.Ten
     return windows.long()
 
 
-def _tokenize_windows(tokenizer, texts: list[str], seqlen: int) -> torch.Tensor:
-    # One call on the joined text, as the perplexity protocol does; verbose=False silences the
-    # "longer than model_max_length" warning, which does not apply to a text cut into windows.
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    n = len(ids) // seqlen
-    return torch.tensor(ids[: n * seqlen], dtype=torch.long).reshape(n, seqlen)
-
-
 def build_samples(
     tokenizer,
     source: str,
@@ -119,19 +114,21 @@ def build_samples(
     text_field: str = "text",
     max_documents: int | None = None,
     datasets_cache_dir: str | Path | None = None,
+    add_bos: BosPolicy = "auto",
 ) -> TokenSamples:
     """Tokenise ``source`` once, cut it into ``seqlen`` windows and keep the first ``num_samples``.
 
     All windows are cached in ``<cache_dir>/samples-<fingerprint[:16]>.safetensors`` (no caching
     when ``cache_dir`` is None); a hit skips reading the texts and the tokenizer. ``num_samples=None``
-    keeps every window.
+    keeps every window. ``add_bos`` is the tokenisation policy (:func:`maskpro_ds.data.windows.bos_id`).
     """
     if seqlen <= 0:
         raise ValueError(f"data.seqlen must be positive, got {seqlen}")
     if num_samples is not None and num_samples <= 0:
         raise ValueError(f"data.num_samples must be positive or unset, got {num_samples}")
+    bos = bos_id(tokenizer, add_bos)
     fp = samples_fingerprint(
-        tokenizer, source, seqlen=seqlen, split=split, text_field=text_field, max_documents=max_documents
+        tokenizer, source, seqlen=seqlen, split=split, text_field=text_field, max_documents=max_documents, bos=bos
     )
     path = Path(cache_dir) / f"samples-{fp[:16]}.safetensors" if cache_dir is not None else None
     windows = _read_cached_windows(path, fp, seqlen) if path is not None and path.exists() else None
@@ -143,7 +140,7 @@ def build_samples(
             max_documents=max_documents,
             datasets_cache_dir=datasets_cache_dir,
         )
-        windows = _tokenize_windows(tokenizer, texts, seqlen)
+        windows = cut_windows(text_ids(tokenizer, "\n\n".join(texts)), seqlen, bos)
         if path is not None:
             meta = {"fingerprint": fp, "format": _SAMPLES_FORMAT, "source": source, "seqlen": str(seqlen)}
             atomic_write_bytes(path, save({"windows": windows.contiguous()}, metadata=meta))

@@ -9,7 +9,9 @@ with the highest target score.
 Scoring (lm-eval's loglikelihood rule): context = task_prefix + input_prefix + input +
 output_prefix, with its trailing whitespace moved to the front of the continuation (a space is
 added if neither side has one); the continuation tokens are ``tok(context + continuation)`` past
-``len(tok(context))``; a choice's score is the sum of the log-probs of its tokens. ``acc`` takes the
+``len(tok(context))``, both tokenised under the project's one policy (no special tokens, BOS first
+when ``add_bos`` says so: maskpro_ds.data.windows; ``auto`` gives what the tokenizer's defaults give
+for Llama- and Gemma-style tokenizers); a choice's score is the sum of the log-probs of its tokens. ``acc`` takes the
 argmax of the sums, ``acc_norm`` of the sums divided by the choice's length in characters
 (lm-eval's acc_norm; its acc_bytes divides by UTF-8 bytes). Ties go to the first choice in file order.
 """
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from maskpro_ds.data.windows import BosPolicy, bos_id, text_ids
 
 
 @dataclass
@@ -84,17 +88,20 @@ def split_context(context: str, choice: str) -> tuple[str, str]:
     return stripped, continuation
 
 
-def choice_logprobs(model, tokenizer, context: str, choices: list[str], max_length: int | None = None) -> list[float]:
-    """Sum of log-probs of each choice's tokens given ``context`` (one right-padded batch)."""
+def choice_logprobs(model, tokenizer, context: str, choices: list[str], max_length: int | None = None,
+                    bos: int | None = None) -> list[float]:
+    """Sum of log-probs of each choice's tokens given ``context`` (one right-padded batch); ``bos``
+    (:func:`maskpro_ds.data.windows.bos_id`) goes first when not None."""
+    head = [bos] if bos is not None else []
     seqs, n_cont = [], []
     for choice in choices:
         ctx, cont = split_context(context, choice)
-        ctx_ids = tokenizer(ctx)["input_ids"]
-        whole = tokenizer(ctx + cont)["input_ids"]
+        ctx_ids = head + text_ids(tokenizer, ctx)
+        whole = head + text_ids(tokenizer, ctx + cont)
         k = len(whole) - len(ctx_ids)
         if k <= 0 or whole[: len(ctx_ids)] != ctx_ids:
             # The boundary merged into one token: score the continuation tokenised on its own.
-            whole = ctx_ids + tokenizer(cont, add_special_tokens=False)["input_ids"]
+            whole = ctx_ids + text_ids(tokenizer, cont)
             k = len(whole) - len(ctx_ids)
         if max_length is not None and len(whole) > max_length:
             whole = whole[-max_length:]  # keep the continuation, drop the oldest context
@@ -120,13 +127,14 @@ def choice_logprobs(model, tokenizer, context: str, choices: list[str], max_leng
 
 
 def evaluate_multiple_choice(model, tokenizer, examples: list[MCExample], task: str = "task",
-                             max_length: int | None = None) -> MCResult:
+                             max_length: int | None = None, add_bos: BosPolicy = "auto") -> MCResult:
     """acc and acc_norm of ``model`` over ``examples`` (see the module docstring)."""
     t0 = time.perf_counter()
     hits = hits_norm = 0
     chance = 0.0
+    bos = bos_id(tokenizer, add_bos, "--add-bos")
     for ex in examples:
-        sums = choice_logprobs(model, tokenizer, ex.context, ex.choices, max_length)
+        sums = choice_logprobs(model, tokenizer, ex.context, ex.choices, max_length, bos)
         normed = [s / max(1, len(c)) for s, c in zip(sums, ex.choices, strict=True)]
         hits += int(max(range(len(sums)), key=lambda i: (sums[i], -i)) in ex.correct)
         hits_norm += int(max(range(len(normed)), key=lambda i: (normed[i], -i)) in ex.correct)

@@ -9,6 +9,11 @@ masked: it is skipped with a warning, or is an error when an ``include`` regex n
 Shapes come from ``out_features``/``in_features``, never from the weight tensor, so a ZeRO-3
 partitioned model (whose weights are empty outside a gather) and a meta-device model select the
 same layers. The same file knows where the decoder blocks are (the priors work block by block).
+
+Fused MoE experts (transformers 5 keeps Mixtral's, Qwen-MoE's, OLMoE's experts as one 3-D
+parameter such as ``mlp.experts.gate_up_proj [E, 2I, H]``, not as Linears) are refused: a fused
+parameter the rule would pick is an error naming it and the ``exclude`` that leaves the experts
+dense (docs/architectures.md says why).
 """
 
 from __future__ import annotations
@@ -47,20 +52,47 @@ def match_targets(
     ``names_and_shapes`` holds every candidate Linear's module name and full ``[out, in]`` weight
     shape. ``skipped`` are the layers the rule picks whose ``in`` is not divisible by ``m``.
     """
-    target_re = re.compile(targets)
-    include_res = [re.compile(p) for p in include]
-    exclude_res = [re.compile(p) for p in exclude]
+    picks = _rule(targets, include, exclude)
     selected: list[str] = []
     skipped: list[str] = []
     for name, shape in names_and_shapes:
-        if not (target_re.search(name) or target_re.search("." + name)):
-            continue
-        if include_res and not any(r.search(name) for r in include_res):
-            continue
-        if any(r.search(name) for r in exclude_res):
-            continue
-        (skipped if int(shape[1]) % m else selected).append(name)
+        if picks(name):
+            (skipped if int(shape[1]) % m else selected).append(name)
     return selected, skipped
+
+
+def _rule(targets: str, include: Sequence[str], exclude: Sequence[str]):
+    """``name -> bool``: the targets/include/exclude rule of the module docstring."""
+    target_re = re.compile(targets)
+    include_res = [re.compile(p) for p in include]
+    exclude_res = [re.compile(p) for p in exclude]
+
+    def picks(name: str) -> bool:
+        if not (target_re.search(name) or target_re.search("." + name)):
+            return False
+        if include_res and not any(r.search(name) for r in include_res):
+            return False
+        return not any(r.search(name) for r in exclude_res)
+
+    return picks
+
+
+def refuse_fused_experts(model: nn.Module, targets: str, include: Sequence[str], exclude: Sequence[str]) -> None:
+    """Raise if the rule picks a fused (3-D or more) weight parameter: masking those is not supported."""
+    picks = _rule(targets, include, exclude)
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape in ds_shape
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if len(shape) < 3 or not picks(name):
+                continue
+            leaf = re.escape("." + module_name.split(".")[-1] + ".")
+            raise ValueError(
+                f"{name} is a fused {len(shape)}-D weight {list(shape)} ({type(module).__name__}: the experts of an "
+                "MoE layer stored as one tensor), and masking fused experts is not supported. Leave them dense by "
+                f"adding '{leaf}' to model.exclude (CLIs: --exclude '{leaf}'); see docs/architectures.md")
 
 
 def select_targets(
@@ -71,6 +103,7 @@ def select_targets(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
 ) -> list[Target]:
     """The Linears to mask, in module order (config: ``model.targets/include/exclude``; CLIs: ``--include/--exclude``)."""
+    refuse_fused_experts(model, targets, include, exclude)
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     shapes = {name: (int(mod.out_features), int(mod.in_features)) for name, mod in linears.items()}
     chosen, skipped = match_targets(shapes.items(), m, targets, include, exclude)

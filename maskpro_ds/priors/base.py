@@ -30,6 +30,7 @@ class PriorSpec:
     text_field: str = "text"
     nsamples: int = 32
     seqlen: int = 128
+    add_bos: str = "auto"  # the tokenisation policy of maskpro_ds.data.windows
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     dtype: str = "fp32"

@@ -1,8 +1,9 @@
 """Calibration data and the block-by-block activation pass shared by Wanda and SparseGPT.
 
 The pass is the one of the Wanda and SparseGPT reference implementations: run the model on the
-calibration tokens until the first decoder block and keep that block's inputs (a pre-hook stops
-the forward there); then for each block in turn: load it, run it on the held inputs with forward
+calibration tokens and keep block 0's input hidden states and every block's own call arguments
+(position ids, attention mask, rotary table: :mod:`maskpro_ds.priors.block_inputs`); then for
+each block in turn: load it, run it on the held inputs and its own arguments with forward
 hooks on its target Linears feeding per-layer statistics (all Linears of a block see the block's
 DENSE weights in this pass), let the method turn statistics into masks (and, for SparseGPT,
 updated weights), write the pruned weights into the block, and run it again to produce the next
@@ -10,9 +11,10 @@ block's inputs. So block k+1 is calibrated on what the pruned blocks 0..k produc
 semantics). Original weights are restored afterwards: the caller's model is unchanged and the
 masks apply to the ORIGINAL weights (docs/method.md §2).
 
-Calibration windows: the text is tokenised once (no special tokens) and ``nsamples`` windows of
-``seqlen`` tokens are cut at evenly spaced, non-overlapping offsets across the whole stream, so a
-run is deterministic without a seed and draws from the whole file rather than its first article.
+Calibration windows: the text is tokenised once and ``nsamples`` windows of ``seqlen`` tokens are
+cut at evenly spaced, non-overlapping offsets across the whole stream, so a run is deterministic
+without a seed and draws from the whole file rather than its first article. Each window is built
+as a training window is (:mod:`maskpro_ds.data.windows`: BOS first when the policy says so).
 """
 
 from __future__ import annotations
@@ -25,25 +27,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from maskpro_ds.data.windows import BosPolicy, bos_id, spaced_windows, text_ids
 from maskpro_ds.models.lazy import ModelHandle
 from maskpro_ds.models.targets import targets_in_block
+from maskpro_ds.priors.block_inputs import block_forward, record_block_inputs
 
 log = logging.getLogger(__name__)
 
 
-def calibration_tokens(tokenizer, text: str, nsamples: int, seqlen: int) -> torch.Tensor:
+def calibration_tokens(tokenizer, text: str, nsamples: int, seqlen: int, add_bos: BosPolicy = "auto") -> torch.Tensor:
     """``[nsamples, seqlen]`` token ids from evenly spaced non-overlapping windows of ``text``."""
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"need --nsamples >= 1 and --seqlen >= 2; got {nsamples}, {seqlen}")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    total = ids.numel()
-    if total < nsamples * seqlen:
-        raise ValueError(
-            f"--calib holds {total} tokens, fewer than --nsamples x --seqlen = {nsamples * seqlen}; "
-            "pass more text or lower --nsamples/--seqlen"
-        )
-    stride = (total - seqlen) // (nsamples - 1) if nsamples > 1 else 0
-    return torch.stack([ids[i * stride : i * stride + seqlen] for i in range(nsamples)])
+    return spaced_windows(text_ids(tokenizer, text), nsamples, seqlen, bos_id(tokenizer, add_bos, "--add-bos"),
+                          where="--calib")
 
 
 class ColumnSumSq:
@@ -75,45 +72,12 @@ class Hessian:
         self.tokens = new
 
 
-class _StopForward(Exception):
-    """Raised by the block-0 pre-hook: everything after the first block is not needed."""
-
-
 @dataclass
 class BlockResult:
     """What a method returns for one Linear: its mask and the weight to use for the next blocks."""
 
     mask: torch.Tensor  # bool [out, in]
     pruned_weight: torch.Tensor  # what the block runs with while producing the next block's inputs
-
-
-def capture_block_inputs(handle: ModelHandle, tokens: torch.Tensor, batch_size: int) -> list[tuple]:
-    """Inputs (hidden states, keyword arguments) of decoder block 0, one entry per micro-batch."""
-    captured: list[tuple] = []
-
-    def stop(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), kwargs))
-        raise _StopForward
-
-    hook = handle.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in tokens.split(batch_size):
-                try:
-                    handle.model(input_ids=batch.to(handle.device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        hook.remove()
-    assert len(captured) == len(tokens.split(batch_size))
-    return captured
-
-
-def _block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def run_blockwise(
@@ -128,8 +92,10 @@ def run_blockwise(
     masks: dict[str, torch.Tensor] = {}
     n_blocks = len(handle.layers)
     with torch.no_grad():
-        states = capture_block_inputs(handle, tokens, batch_size)
+        inputs = record_block_inputs(handle, tokens, batch_size)
+        states = inputs.hidden
         for index in range(n_blocks):
+            calls = inputs.calls[index]
             t0 = time.perf_counter()
             block = handle.materialize_block(index)
             names = targets_in_block(targets, f"{handle.layers_prefix}.{index}")
@@ -141,8 +107,8 @@ def run_blockwise(
             ]
             try:
                 if names:
-                    for hidden, kwargs in states:
-                        _block_forward(block, hidden, kwargs)
+                    for hidden, call in zip(states, calls, strict=True):
+                        block_forward(block, hidden, call)
             finally:
                 for h in hooks:
                     h.remove()
@@ -153,7 +119,8 @@ def run_blockwise(
                 originals[name] = lin.weight.data
                 lin.weight.data = result.pruned_weight.to(dtype=lin.weight.dtype, device=lin.weight.device)
             if index + 1 < n_blocks:
-                states = [(_block_forward(block, hidden, kwargs), kwargs) for hidden, kwargs in states]
+                states = [block_forward(block, hidden, call) for hidden, call in zip(states, calls, strict=True)]
+            inputs.calls[index] = []  # this block's arguments are no longer needed
             for name, lin in linears.items():
                 lin.weight.data = originals[name]
             handle.release_block(index)

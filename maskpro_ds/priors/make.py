@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from maskpro_ds.data.texts import join_texts, load_texts
+from maskpro_ds.data.windows import bos_id
 from maskpro_ds.formats.dtypes import parse_dtype
 from maskpro_ds.formats.hashing import model_fingerprint
 from maskpro_ds.formats.mask_artifact import write_mask_artifact
@@ -35,14 +36,17 @@ def _calibration(spec: PriorSpec, tokenizer) -> tuple[torch.Tensor, dict]:
         raise ValueError(f"--method {spec.method} needs --calib (a text/json/parquet file or a dataset name)")
     # A .txt file is read whole, so the joined text is the file byte for byte.
     text = join_texts(load_texts(spec.calib, split=spec.calib_split, text_field=spec.text_field, split_txt=False))
-    tokens = calibration_tokens(tokenizer, text, spec.nsamples, spec.seqlen)
+    tokens = calibration_tokens(tokenizer, text, spec.nsamples, spec.seqlen, spec.add_bos)
+    bos = bos_id(tokenizer, spec.add_bos, "--add-bos")
     info = {
         "source": str(spec.calib),
         "sha256": hashlib.sha256(text.encode()).hexdigest(),
         "nsamples": spec.nsamples,
         "seqlen": spec.seqlen,
         "tokens": int(tokens.numel()),
-        "windows": "evenly spaced, non-overlapping, no special tokens",
+        "windows": "evenly spaced, non-overlapping, " + ("BOS first" if bos is not None else "no special tokens"),
+        "add_bos": spec.add_bos,
+        "bos": bos,
     }
     return tokens, info
 

@@ -1,8 +1,9 @@
 """Periodic held-out evaluation inside a training run (keep-best), on the sharded model.
 
 The same perplexity protocol as maskpro_ds.eval (texts joined with "\\n\\n", tokenised once,
-non-overlapping windows, mean CE over windows, ppl = exp(mean)), but run through the ZeRO-3 engine
-with the current final (top-N) mask, the windows split across ranks in padded rounds.
+non-overlapping windows built by maskpro_ds.data.windows, mean CE over windows, ppl = exp(mean)),
+but run through the ZeRO-3 engine with the current final (top-N) mask, the windows split across
+ranks in padded rounds.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from maskpro_ds.train.forward import MaskedForward, padded_rounds
 from maskpro_ds.train.mask_modes import FINAL
 
 
-def heldout_windows(tokenizer, source: str, seqlen: int, max_tokens: int, cache_dir: str | None = None) -> torch.Tensor:
-    """The first ``max_tokens // seqlen`` windows of ``source`` -> LongTensor ``[W, seqlen]``."""
+def heldout_windows(tokenizer, source: str, seqlen: int, max_tokens: int, cache_dir: str | None = None,
+                    add_bos: str = "auto") -> torch.Tensor:
+    """The first ``max_tokens // seqlen`` windows of ``source`` -> LongTensor ``[W, seqlen]`` (the
+    training windows' tokenisation policy, ``data.add_bos``)."""
     num = max(1, max_tokens // seqlen)
-    return build_samples(tokenizer, source, seqlen=seqlen, num_samples=num, cache_dir=cache_dir).tokens
+    return build_samples(tokenizer, source, seqlen=seqlen, num_samples=num, cache_dir=cache_dir, add_bos=add_bos).tokens
 
 
 @torch.no_grad()

@@ -139,7 +139,7 @@ class Trainer:
         self.eval_windows = None
         if cfg.train.eval_every:
             self.eval_windows = heldout_windows(self.tokenizer, cfg.train.eval_source, cfg.train.eval_seqlen,
-                                                cfg.train.eval_tokens)
+                                                cfg.train.eval_tokens, add_bos=cfg.data.add_bos)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.metrics.tensorboard,
                                      jsonl=cfg.metrics.jsonl)
         self.metrics.truncate_after(self.step_index)
@@ -170,8 +170,10 @@ class Trainer:
 
     def _build_samples(self, source: str, seqlen: int, num_samples: int):
         d = self.cfg.data
-        kwargs = dict(seqlen=seqlen, num_samples=num_samples, cache_dir=d.cache_dir, split=d.split,
-                      text_field=d.text_field, max_documents=d.max_documents or None)
+        # The sample cache lives in the run directory unless data.cache_dir names another place.
+        cache_dir = d.cache_dir or self.run_dir / "cache" / "data"
+        kwargs = dict(seqlen=seqlen, num_samples=num_samples, cache_dir=cache_dir, split=d.split,
+                      text_field=d.text_field, max_documents=d.max_documents or None, add_bos=d.add_bos)
         if not source:
             raise ValueError("data.source is empty; point it at a text/json/parquet file or a dataset name")
         # Rank 0 tokenises and fills the cache; the others read it.

@@ -8,9 +8,12 @@ A file is opened per tensor and closed right after (mapped pages leave the RSS w
 
 Key matching: a parameter is looked up under each of its names (tied parameters have several, e.g.
 ``lm_head.weight`` and ``model.embed_tokens.weight``), first exactly, then without the model's
-base-model prefix (``model.``), as base-model checkpoints store it. Other transformers key renames
-(legacy ``gamma``/``beta`` names, per-architecture conversion maps) are not applied: such a
-checkpoint fails with the missing and unexpected keys named. Pickle (``.bin``) checkpoints are refused.
+base-model prefix (``model.``), as base-model checkpoints store it. A parameter stored under
+another layout (transformers' per-architecture conversion maps, e.g. per-expert MoE tensors that
+the model fuses into one 3-D parameter) is built through :mod:`maskpro_ds.models.checkpoint_layout`
+exactly as ``from_pretrained`` builds it; such a parameter is read whole (one parameter in memory)
+and each rank copies its slice. A checkpoint that still does not fit fails with the missing and
+unexpected keys named. Pickle (``.bin``) checkpoints are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from maskpro_ds.models.checkpoint_layout import CheckpointLayout
 from maskpro_ds.models.hf_dir import weight_map
 from maskpro_ds.train.zero_utils import full_shape, stored_chunks
 
@@ -43,17 +47,25 @@ def _candidates(name: str, prefix: str) -> list[str]:
     return out
 
 
-def plan(model: torch.nn.Module, files: dict[str, Path], model_dir: Path) -> list[tuple[torch.nn.Parameter, str, Path]]:
-    """Which file key fills which parameter; raises naming every missing or unexpected key."""
+def plan(model: torch.nn.Module, files: dict[str, Path], model_dir: Path,
+         layout: CheckpointLayout | None = None) -> tuple[list[tuple[torch.nn.Parameter, str, Path]], list]:
+    """Which file key fills which parameter, and which parameters are built by a layout conversion
+    (``(param, model_key)``); raises naming every missing or unexpected key."""
     prefix = getattr(model, "base_model_prefix", "")
-    jobs, used, missing = [], set(), []
+    jobs, converted, used, missing = [], [], set(), []
     for param, names in _names_by_param(model):
         found = [key for name in names for key in _candidates(name, prefix) if key in files]
         if not found:
+            built = [name for name in names if layout is not None and name in layout]
+            if built:
+                converted.append((param, built[0]))
+                continue
             missing.append(names[0])
             continue
         jobs.append((param, found[0], files[found[0]]))
         used.update(found)  # a tied alias saved as well is the same tensor: read one, accept the others
+    if converted:
+        used.update(layout.used_file_keys())
     buffers = {key for name, _ in model.named_buffers() for key in _candidates(name, prefix)}
     ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     unexpected = [key for key in files if key not in used and key not in buffers
@@ -64,7 +76,7 @@ def plan(model: torch.nn.Module, files: dict[str, Path], model_dir: Path) -> lis
         raise ValueError(f"weights in {model_dir} do not match the model built from its config.json "
                          f"({len(missing)} missing, {len(unexpected)} unexpected; keys are matched by exact name "
                          f"or without the '{prefix}.' prefix):\n  " + "\n  ".join(lines))
-    return jobs
+    return jobs, converted
 
 
 def _fill_chunk(handle, key: str, shape: tuple[int, ...], dest: torch.Tensor, start: int) -> None:
@@ -93,7 +105,8 @@ def load_weights(model: torch.nn.Module, model_dir: Path) -> int:
     from safetensors import safe_open
 
     files = weight_map(model_dir)
-    jobs = plan(model, files, model_dir)
+    layout = CheckpointLayout(model, list(files))
+    jobs, converted = plan(model, files, model_dir, layout)
     prefix = getattr(model, "base_model_prefix", "")
     buffer_jobs = []
     for name, buf in model.named_buffers():
@@ -112,5 +125,28 @@ def load_weights(model: torch.nn.Module, model_dir: Path) -> int:
                 chunks = stored_chunks(tensor) if isinstance(tensor, torch.nn.Parameter) else [(tensor.view(-1), 0)]
                 for dest, start in chunks:
                     _fill_chunk(handle, key, shape, dest, start)
-    logger.info("filled %d parameters and %d buffers from %s", len(jobs), len(buffer_jobs), model_dir)
-    return len(jobs) + len(buffer_jobs)
+        if converted:
+            _fill_converted(layout, files, converted)
+    logger.info("filled %d parameters and %d buffers from %s", len(jobs) + len(converted), len(buffer_jobs), model_dir)
+    return len(jobs) + len(converted) + len(buffer_jobs)
+
+
+def _fill_converted(layout: CheckpointLayout, files: dict[str, Path], converted: list) -> None:
+    """Parameters the checkpoint stores in another layout: build each whole, copy this rank's slices."""
+    from safetensors import safe_open
+
+    def get(key: str) -> torch.Tensor:
+        with safe_open(str(files[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    for param, name in converted:
+        full = layout.read(name, get)
+        shape = tuple(full_shape(param))
+        if tuple(full.shape) != shape:
+            raise ValueError(f"{name}: the checkpoint builds shape {list(full.shape)}, the model expects {list(shape)}")
+        flat = full.reshape(-1)
+        for dest, start in stored_chunks(param):
+            count = max(0, min(flat.numel() - start, dest.numel()))
+            dest[count:].zero_()
+            dest[:count].copy_(flat[start:start + count])
+    layout.forget()

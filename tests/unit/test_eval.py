@@ -17,6 +17,7 @@ import torch
 
 from maskpro_ds.cli.eval import ppl_main, zeroshot_main
 from maskpro_ds.data.texts import join_texts, load_texts
+from maskpro_ds.data.windows import bos_id
 from maskpro_ds.eval.masked_model import apply_mask_artifact
 from maskpro_ds.eval.perplexity import perplexity
 from maskpro_ds.eval.zeroshot import (
@@ -50,10 +51,12 @@ def tiny(tmp_path_factory):
     return root / "model", root / "text.txt", docs
 
 
-def manual_ppl(model, ids, seqlen):
+def manual_ppl(model, ids, seqlen, bos):
+    """Windows of ``seqlen - 1`` text tokens, each after BOS; mean CE per window, exp of the mean."""
     nlls = []
-    for start in range(0, ids.numel() - seqlen + 1, seqlen):
-        window = ids[start : start + seqlen]
+    body = seqlen - 1
+    for start in range(0, ids.numel() - body + 1, body):
+        window = torch.cat([torch.tensor([bos]), ids[start : start + body]])
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=window[None]).logits[0].double(), dim=-1)
         nlls.append(-logp[:-1].gather(1, window[1:, None]).mean())
@@ -64,14 +67,16 @@ def test_perplexity_matches_a_manual_window_loop(tiny):
     model_dir, text_path, _ = tiny
     model, tok = load_causal_lm(model_dir)
     text = text_path.read_text()
-    ids = torch.tensor(tok(text)["input_ids"])
-    assert ids[0] == tok.bos_token_id and (ids == tok.bos_token_id).sum() == 1  # one BOS, at the start only
+    assert tok(text)["input_ids"][0] == tok.bos_token_id  # the tokenizer adds BOS: every window starts with it
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
     res = perplexity(model, tok, text, seqlen=64, max_tokens=1000, batch_size=3)
-    expected, windows = manual_ppl(model, ids[:1000], 64)
-    assert res.windows == windows == 1000 // 64  # remainder dropped
-    assert res.tokens_used == 15 * 64 and res.tokens_total == ids.numel() and res.bos_at_start
+    expected, windows = manual_ppl(model, ids[:1000], 64, tok.bos_token_id)
+    assert res.windows == windows == 1000 // 63  # remainder dropped
+    assert res.tokens_used == 15 * 64 and res.tokens_total == ids.numel() and res.bos_per_window
     assert res.ppl == pytest.approx(expected, rel=1e-5)
     assert perplexity(model, tok, text, seqlen=64, max_tokens=1000, batch_size=1).ppl == pytest.approx(res.ppl, rel=1e-6)
+    plain = perplexity(model, tok, text, seqlen=64, max_tokens=1000, add_bos="false")
+    assert not plain.bos_per_window and plain.windows == 1000 // 64 and plain.ppl != res.ppl
 
 
 def test_perplexity_of_a_uniform_model_is_the_vocab_size(tiny):
@@ -152,7 +157,7 @@ def test_choice_logprobs_match_separate_forwards(tiny):
     model_dir, _, _ = tiny
     model, tok = load_causal_lm(model_dir)
     context, choices = "\nQ: what jumps?\nA: ", ["fox", "the lazy dog", "x"]
-    got = choice_logprobs(model, tok, context, choices)
+    got = choice_logprobs(model, tok, context, choices, bos=bos_id(tok))
     for choice, value in zip(choices, got, strict=True):
         ctx = tok("\nQ: what jumps?\nA:")["input_ids"]
         cont = tok(" " + choice, add_special_tokens=False)["input_ids"]  # char-level: no boundary merges
