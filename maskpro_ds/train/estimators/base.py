@@ -1,9 +1,10 @@
 """The estimator protocol: how one step's losses become the advantages of the logit update.
 
-The trainer runs ``draws_per_rank`` sampled forwards per rank (one mask draw each), all-gathers every
-draw's loss and its baseline f(m0, ξ) into a :class:`StepLosses` (identical on every rank), and asks
-the estimator for one advantage per draw; the logit store then applies
-π ← π − lr/K Σ_k a_k ∇log P(m_k) over the K draws. After the update the trainer calls ``commit``
+The trainer runs ``draws_per_rank`` (K) sampled forwards per rank on the rank's batch (one mask draw
+each), all-gathers every draw's loss and its baseline f(m0, ξ) into a :class:`StepLosses`
+(identical on every rank), and asks the estimator for one advantage per draw; the logit store then
+applies π ← π − lr/(RK) Σ_k a_k ∇log P(m_k) over the R·K draws, or the estimator's own
+``update_rule`` for a layer when it has per-logit state. After the update the trainer calls ``commit``
 so the estimator can refresh its running state (a tracker, a scale). A step with a non-finite loss
 is skipped before the estimator is asked, so state only moves on steps that update.
 
@@ -47,6 +48,10 @@ class Estimator(Protocol):
     def advantages(self, step: StepLosses) -> list[float]:
         """One advantage per draw, identical on every rank; may update running statistics of the scale."""
 
+    def update_rule(self, layer: str):
+        """The update of ``layer`` this step when it is not the plain one (an object with ``apply_codes``
+        and ``apply_masks``, e.g. masks/second_moment.py::SecondMomentRule); None = the plain kernel."""
+
     def commit(self, step: StepLosses) -> None:
         """After the update: refresh running state (e.g. the residual tracker)."""
 
@@ -64,17 +69,17 @@ class Estimator(Protocol):
 
 
 class PolicyGradientEstimator:
-    """Shared by today's estimators: one draw per rank, a signal per draw, optional tracker, the scaler.
+    """Shared by the estimators: K draws per rank, a signal per draw, optional tracker, the scaler.
 
     Subclasses choose the signal (the residual or the loss) and whether the smoothed baseline δ of
     the residual tracker is subtracted. ``train.advantage_norm`` then conditions the advantages
     (none: the paper's plain update; rms or clip: docs/method.md §5).
     """
 
-    draws_per_rank = 1
     uses_tracker = False
 
     def __init__(self, train: TrainConfig):
+        self.draws_per_rank = train.masks_per_step
         self.tracker = ResidualTracker(alpha=train.alpha, order=train.tracker_order)
         # advantage_clip is in loss units and only bounds the "clip" mode; "rms" is unclipped.
         clip = train.advantage_clip if train.advantage_norm == "clip" else None
@@ -90,6 +95,9 @@ class PolicyGradientEstimator:
         signal = self.signal(step)
         raw = self.tracker.advantages(signal) if self.uses_tracker else list(signal)
         return self.scaler.scale(raw)
+
+    def update_rule(self, layer: str):
+        return None
 
     def commit(self, step: StepLosses) -> None:
         if self.uses_tracker:
