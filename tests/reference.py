@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from maskpro_ds.data.schedule import batch_ids
+from maskpro_ds.masks.advantages import ResidualTracker
 from maskpro_ds.masks.nm import magnitude_prior
-from maskpro_ds.masks.policy import ResidualTracker, apply_update_, final_mask, init_logits
+from maskpro_ds.masks.policy import apply_update_, final_mask, init_logits
 from maskpro_ds.masks.sampling import key_scalar, sample_masks
 from maskpro_ds.masks.second_moment import SecondMomentRule
 

@@ -21,9 +21,9 @@ Update (docs/method.md §3): pi <- pi - lr/K sum_k a_k ∇ log P(m_k | pi), ever
 takes the sampler's per-group codes, runs the same fp32 operations in one kernel per chunk
 (:func:`update_final_block`, also giving the top-2 final mask for monitoring) and checks the
 result is finite once per call.
-The advantage a_k comes from :class:`ResidualTracker` (a_k = r_k - delta) and optionally
-:class:`AdvantageScaler` (docs/method.md §5: keep the per-event logit change lr |a| in range); both live
-in :mod:`maskpro_ds.masks.advantages` and are importable from here too.
+The advantage a_k comes from the estimator (maskpro_ds.train.estimators), built on
+:mod:`maskpro_ds.masks.advantages` (the residual tracker, a_k = r_k - delta, and the optional
+conditioning of docs/method.md §5 that keeps the per-event logit change lr |a| in range).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import math
 import torch
 
 from maskpro_ds.masks import nm
-from maskpro_ds.masks.advantages import AdvantageScaler, ResidualTracker  # noqa: F401 - re-exported
 from maskpro_ds.masks.sampling import (
     check_finite,
     chunk_groups,

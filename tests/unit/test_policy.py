@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from maskpro_ds.masks import policy, sampling
+from maskpro_ds.masks.advantages import AdvantageScaler, ResidualTracker
 from maskpro_ds.masks.policy import (
-    AdvantageScaler,
-    ResidualTracker,
     accumulate_update,
     apply_update_,
     final_mask,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from maskpro_ds.masks import policy
-from maskpro_ds.masks.policy import ResidualTracker, expected_flip_rate, log_prob_set, score
+from maskpro_ds.masks.advantages import ResidualTracker
+from maskpro_ds.masks.policy import expected_flip_rate, log_prob_set, score
 from maskpro_ds.masks.sampling import key_scalar, pair_probs, sample_masks
 
 
