@@ -27,7 +27,8 @@ from maskpro_ds.masks.advantages import AdvantageNorm, TrackerOrder
 from maskpro_ds.masks.nm import parse_pattern
 
 KernelMode = Literal["auto", "compiled", "plain"]
-EstimatorName = Literal["residual_tracker", "residual", "vanilla"]  # = the keys of train/estimators ESTIMATORS
+EstimatorName = Literal["residual_tracker", "residual", "vanilla", "loo", "adaptive"]  # = train/estimators ESTIMATORS
+LrSchedule = Literal["constant", "cosine", "linear"]
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -129,7 +130,23 @@ class TrainConfig:
     which is the plain-residual ablation: choose it with train.estimator = residual instead."""
     estimator: EstimatorName = "residual_tracker"
     """residual_tracker (MaskPro) | residual (no tracker; the plain-residual ablation) | vanilla (loss alone;
-    ablation). See docs/method.md §3."""
+    ablation) | loo (K masks on the same batch, leave-one-out baseline) | adaptive (loo + per-logit
+    second-moment steps). See docs/method.md §3 and docs/estimators.md."""
+    masks_per_step: int = 1
+    """K: masks each rank draws per step on its batch (K forwards per step, every estimator). loo and
+    adaptive use the other K-1 draws as the baseline; with K = 1 they fall back to the tracker δ."""
+    loo_tracker_weight: float = 0.0
+    """loo/adaptive with K >= 2: baseline = (1 - w)·mean of the other draws' residuals + w·δ (0 = pure leave-one-out)."""
+    adaptive_beta: float = 0.999
+    """adaptive: decay of the per-logit second moment of the update (past steps only), in [0, 1)."""
+    adaptive_eps: float = 1e-2
+    """adaptive: floor of the per-logit divisor sqrt(v) + eps, in update units (advantage x score)."""
+    lr_schedule: LrSchedule = "constant"
+    """Step-size schedule over train.steps: constant | cosine | linear (decay to lr_final_ratio·lr), after warmup."""
+    lr_final_ratio: float = 0.1
+    """cosine/linear: lr at the last step as a fraction of train.lr."""
+    lr_warmup_steps: int = 0
+    """Linear warmup of the step size over the first K steps (any schedule)."""
     tracker_order: TrackerOrder = "use_then_refresh"
     """use_then_refresh: advantage r - delta_prev, then refresh (exactly unbiased);
     refresh_then_use: the reference script's order."""
@@ -158,6 +175,8 @@ class TrainConfig:
     """Held-out tokens per periodic evaluation."""
     eval_seqlen: int = 512
     """Window length of the periodic evaluation."""
+    eval_at_start: bool = False
+    """With eval_every: also evaluate the prior's final mask before the first step (a curve's first point)."""
 
 
 @dataclass
@@ -238,6 +257,18 @@ class Config:
             raise ValueError(f"train.lr must be >= 0, got {self.train.lr}")
         if self.train.advantage_clip < 0:
             raise ValueError(f"train.advantage_clip must be >= 0 (0 = no clip), got {self.train.advantage_clip}")
+        if not 1 <= self.train.masks_per_step <= 64:
+            raise ValueError(f"train.masks_per_step must be in 1..64 (forwards per rank and step), "
+                             f"got {self.train.masks_per_step}")
+        for name in ("loo_tracker_weight", "lr_final_ratio"):
+            if not 0.0 <= getattr(self.train, name) <= 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self.train, name)}")
+        if not 0.0 <= self.train.adaptive_beta < 1.0:
+            raise ValueError(f"train.adaptive_beta must be in [0, 1), got {self.train.adaptive_beta}")
+        if self.train.adaptive_eps <= 0:
+            raise ValueError(f"train.adaptive_eps must be > 0 (it floors a divisor), got {self.train.adaptive_eps}")
+        if self.train.lr_warmup_steps < 0:
+            raise ValueError(f"train.lr_warmup_steps must be >= 0, got {self.train.lr_warmup_steps}")
         if self.train.advantage_norm == "clip" and self.train.advantage_clip <= 0:
             raise ValueError("train.advantage_clip must be > 0 when train.advantage_norm = clip (the bound on |a|, "
                              "loss units, e.g. 0.02)")

@@ -1,11 +1,13 @@
 """An in-process, single-process MaskPro reference for the distributed tests.
 
 It holds every layer's full logits in one tensor, loads the model plainly (no DeepSpeed), and for
-each step and each simulated rank r draws rank r's mask with the same counter-based keys, runs the
-masked forward on rank r's batch, and applies the same update. It shares only the pure pieces with
-the trainer (sampler, policy, batch schedule, advantage scaler), never the sharded store, the
-exchange or ZeRO-3. ``lr`` may be changed between steps (to follow a guard's halvings); each step
-keeps its raw (loss-unit) and conditioned advantages for the tests to read.
+each step and each simulated rank r draws rank r's K masks with the same counter-based keys (slot
+r·K + d), runs the masked forwards on rank r's batch, and applies the same update. It shares only
+the pure pieces with the trainer (sampler, policy, the second-moment kernel, batch schedule, lr
+schedule, advantage scaler), never the sharded store, the exchange, ZeRO-3 or the estimator classes:
+the advantages (tracker, leave-one-out) are written out here again. ``lr`` may be changed between
+steps (to follow a guard's halvings); each step keeps its raw (loss-unit) and conditioned advantages
+for the tests to read.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from maskpro_ds.masks.advantages import AdvantageScaler, ResidualTracker
 from maskpro_ds.masks.nm import magnitude_prior
 from maskpro_ds.masks.policy import apply_update_, final_mask, init_logits
 from maskpro_ds.masks.sampling import key_scalar, sample_masks
+from maskpro_ds.masks.second_moment import SecondMomentRule
 
 
 class ReferenceMaskPro:
     def __init__(self, model_dir, tokens: torch.Tensor, *, n=2, m=4, c=3.0, lr=20.0, alpha=0.99, seed=0,
                  batch_size=2, targets=r"\.layers\.\d+\.", order="use_then_refresh", norm="none",
-                 exclude=("lm_head",), prior: dict[str, torch.Tensor] | None = None):
+                 exclude=("lm_head",), prior: dict[str, torch.Tensor] | None = None,
+                 estimator="residual_tracker", k=1, beta=0.999, eps=1e-3, lr_factor=lambda step: 1.0):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -41,6 +45,11 @@ class ReferenceMaskPro:
         self.scaler = AdvantageScaler(mode=norm)
         self.raw_advantages: list[list[float]] = []
         self.advantages: list[list[float]] = []
+        if estimator not in ("residual_tracker", "loo", "adaptive"):
+            raise ValueError(f"the reference implements residual_tracker, loo and adaptive, not {estimator}")
+        self.estimator, self.k, self.beta, self.eps, self.lr_factor = estimator, k, beta, eps, lr_factor
+        self.second = [torch.zeros_like(lg) for lg in self.logits]  # adaptive: per-logit second moment
+        self.updates = 0
         self.weights = [mod.weight.detach().clone() for _, mod in self.layers]
         self.baseline = self._losses(torch.arange(tokens.shape[0]), self.prior)
         self.step_index = 0
@@ -54,22 +63,40 @@ class ReferenceMaskPro:
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
         return loss.view(tokens.shape[0], -1).mean(dim=1).double()
 
+    def _advantages(self, residuals: list[float]) -> list[float]:
+        if self.estimator == "residual_tracker" or self.k == 1:
+            return self.tracker.advantages(residuals)
+        out = []
+        for start in range(0, len(residuals), self.k):  # leave-one-out within each rank's K draws
+            block = residuals[start:start + self.k]
+            out += [block[i] - sum(block[j] for j in range(self.k) if j != i) / (self.k - 1) for i in range(self.k)]
+        return out
+
     def step(self, world_size: int) -> None:
         t = self.step_index
-        masks_per_rank, residuals = [], []
+        masks_per_draw, residuals = [], []
         for r in range(world_size):
-            masks = [sample_masks(lg, self.n, key_scalar(self.seed, t, r, li)) for li, lg in enumerate(self.logits)]
             ids = batch_ids(self.seed, t, r, world_size, self.batch_size, self.tokens.shape[0])
-            loss = self._losses(ids, masks).mean()
-            residuals.append(float(loss - self.baseline[ids].mean()))
-            masks_per_rank.append(masks)
-        raw = self.tracker.advantages(residuals)
+            for d in range(self.k):
+                slot = r * self.k + d
+                masks = [sample_masks(lg, self.n, key_scalar(self.seed, t, slot, li)) for li, lg in enumerate(self.logits)]
+                loss = self._losses(ids, masks).mean()
+                residuals.append(float(loss - self.baseline[ids].mean()))
+                masks_per_draw.append(masks)
+        raw = self._advantages(residuals)
         advantages = self.scaler.scale(raw)
         self.raw_advantages.append(raw)
         self.advantages.append(advantages)
+        lr = self.lr * self.lr_factor(t)
         for li in range(len(self.logits)):
-            apply_update_(self.logits[li], [mk[li] for mk in masks_per_rank], advantages, self.lr, self.n)
+            masks = [mk[li] for mk in masks_per_draw]
+            if self.estimator == "adaptive":
+                SecondMomentRule(self.second[li], self.beta, self.eps, self.updates).apply_masks(
+                    self.logits[li], masks, advantages, lr, self.n)
+            else:
+                apply_update_(self.logits[li], masks, advantages, lr, self.n)
         self.tracker.update(residuals)
+        self.updates += 1
         self.step_index += 1
 
     def final_masks(self) -> list[torch.Tensor]:

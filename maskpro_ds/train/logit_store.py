@@ -5,15 +5,19 @@ Every masked layer's ``G = out·in/M`` groups are cut into R contiguous, byte-al
 Only the owner reads or writes its logits.
 
 Masks reach the ranks as bits. In the forward of layer l at step t, the owner draws, on its slice,
-the mask of every rank s (counter-based sampler keyed by (seed, t, s, l) at the groups' global
+the mask of every rank r (counter-based sampler keyed by (seed, t, slot, l) at the groups' global
 indices), packs each to 1 bit per weight, and one ``all_to_all`` gives every rank the R slices of
 its own mask: R·d/(8R) bytes received per layer, against 2·d bytes for ZeRO-3's bf16 weight gather.
+With K draws per rank and step (several masks on the same batch, ``draws``), forward d of rank r
+uses slot r·K + d; K = 1 gives slot = rank, the keys of a one-draw run.
 
-The update applies π ← π − η/R Σ_s a_s ∇log P(m_s) to the slice. It needs the R masks drawn in the
-forward: with ``cache_samples`` (default) the packed send buffer of the forward is kept until the
-update (d/8 bytes per rank over all layers: 13 MB for a 106M-weight model, 8.75 GB at 70B);
-without it they are drawn again (a pure function of the same keys and the unchanged logits, so
-the bits are the same). No logit-sized tensor ever crosses the network.
+The update applies π ← π − η/(RK) Σ_s a_s ∇log P(m_s) to the slice over the R·K slots (rank-major).
+It needs the masks drawn in the forwards: with ``cache_samples`` (default) each forward's packed
+send buffer is kept until the update (K·d/8 bytes per rank over all layers: 13 MB per draw for a
+106M-weight model, 8.75 GB per draw at 70B); without it they are drawn again (a pure function of
+the same keys and the unchanged logits, so the bits are the same). No logit-sized tensor ever
+crosses the network. An estimator with per-logit state passes an update ``rule`` (e.g.
+masks/second_moment.py) that replaces the plain kernel.
 
 For N = 2 the per-chunk work runs in two elementwise kernels (sampling.pair_code_block,
 policy.update_final_block); ``kernels="auto"`` compiles them with torch.compile and keeps the
@@ -61,8 +65,11 @@ _compiled: dict[str, tuple] = {}  # device type -> (sample kernel, update kernel
 
 
 @torch.no_grad()
-def _probe_matches(sample_kernel, update_kernel, device: torch.device, slots: int) -> bool:
-    """True if the kernels give exactly the plain kernels' bits on a probe with hard cases."""
+def _probe_matches(sample_kernel, update_kernel, device: torch.device, slots: int, update_slots: int | None = None) -> bool:
+    """True if the kernels give exactly the plain kernels' bits on a probe with hard cases.
+
+    ``slots``: keys per sampling call; ``update_slots``: masks per update (default: ``slots``)."""
+    update_slots = update_slots or slots
     gen = torch.Generator().manual_seed(1234)
     scales = torch.tensor([0.1, 1.0, 3.0, 30.0, 300.0]).repeat_interleave(820)[:4099]
     x = torch.randn(4099, 4, generator=gen) * scales[:, None]
@@ -79,7 +86,9 @@ def _probe_matches(sample_kernel, update_kernel, device: torch.device, slots: in
         codes = pair_code_block(xt, first, k_lo, k_hi)
         if not torch.equal(sample_kernel(xt, first, k_lo, k_hi), codes):
             return False
-        w = torch.linspace(0.7, -1.3, slots, dtype=torch.float32, device=device)
+        if update_slots != slots:  # the update's mask count (R·K), drawn with the plain kernel
+            codes = torch.cat([codes] * -(-update_slots // slots))[:update_slots]
+        w = torch.linspace(0.7, -1.3, update_slots, dtype=torch.float32, device=device)
         new, final = update_final_block(xt, codes, w)
         new_c, final_c = update_kernel(xt, codes, w)
         if not (torch.equal(new.view(torch.int32), new_c.view(torch.int32)) and torch.equal(final, final_c)):
@@ -87,7 +96,7 @@ def _probe_matches(sample_kernel, update_kernel, device: torch.device, slots: in
     return True
 
 
-def select_kernels(mode: str, device: torch.device | str = "cpu", slots: int = 2) -> tuple:
+def select_kernels(mode: str, device: torch.device | str = "cpu", slots: int | tuple[int, int] = 2) -> tuple:
     """(sample kernel, update kernel, "compiled" or "plain") for the N = 2 store.
 
     ``"plain"``: the eager torch kernels. ``"compiled"``: torch.compile'd copies, which must give
@@ -95,7 +104,8 @@ def select_kernels(mode: str, device: torch.device | str = "cpu", slots: int = 2
     plain with a warning. Either way every rank computes the same bits, so ranks, resumed runs and
     the in-process reference agree. Compiling takes ~15 s once per process (inductor's on-disk
     cache makes later processes faster); shapes are dynamic, so the smaller last chunk of a layer
-    does not recompile. ``slots``: draws per call (the world size) used by the probe.
+    does not recompile. ``slots``: draws per sampling call (the world size) used by the probe, or
+    (draws per sampling call, masks per update) when they differ (K masks per rank: R and R·K).
     """
     if mode not in KERNEL_MODES:
         raise ValueError(f"LogitStore kernels must be one of {KERNEL_MODES}, got {mode!r}")
@@ -107,7 +117,8 @@ def select_kernels(mode: str, device: torch.device | str = "cpu", slots: int = 2
         try:
             sample_kernel = torch.compile(pair_code_block, dynamic=True)
             update_kernel = torch.compile(update_final_block, dynamic=True)
-            same = _probe_matches(sample_kernel, update_kernel, device, slots)
+            sample_slots, update_slots = (slots, slots) if isinstance(slots, int) else slots
+            same = _probe_matches(sample_kernel, update_kernel, device, sample_slots, update_slots)
             problem = None if same else "compiled kernels differ from the plain ones in the last bit"
         except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure means: use plain kernels
             problem = f"torch.compile failed ({type(exc).__name__}: {exc})"
@@ -128,10 +139,14 @@ class LogitStore:
     """This rank's logit slices of every masked layer, and the mask exchange built on them."""
 
     def __init__(self, names: list[str], shapes: list[tuple[int, int]], n: int, m: int, rank: int, world_size: int,
-                 seed: int, device: torch.device | str = "cpu", *, cache_samples: bool = True, kernels: str = "auto"):
+                 seed: int, device: torch.device | str = "cpu", *, cache_samples: bool = True, kernels: str = "auto",
+                 draws: int = 1):
         self.names, self.shapes = list(names), [tuple(s) for s in shapes]
         self.n, self.m = n, m
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        if int(draws) < 1:
+            raise ValueError(f"LogitStore draws (masks per rank and step) must be >= 1, got {draws}")
+        self.draws = int(draws)
         self.device = torch.device(device)
         # Range boundaries on whole bytes of packed bits: a slice of g groups is g·M bits.
         self.align = 8 // math.gcd(8, m)
@@ -146,7 +161,7 @@ class LogitStore:
         self.kernel_mode = kernels
         self._kernels: tuple | None = None  # resolved at the first draw
         self.cache_samples = bool(cache_samples)
-        self._sample_cache: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (step, packed send buffer)
+        self._sample_cache: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (layer, draw) -> (step, send buffer)
 
     # ------------------------------------------------------------------ layout
     def local_range(self, layer: int) -> tuple[int, int]:
@@ -170,7 +185,8 @@ class LogitStore:
     def kernels(self) -> tuple:
         """(sample kernel, update kernel, name) in use for N = 2 (see :func:`select_kernels`)."""
         if self._kernels is None:
-            self._kernels = select_kernels(self.kernel_mode, self.device, self.world_size)
+            # draws use R keys per call, the update R·K masks: the probe checks both counts
+            self._kernels = select_kernels(self.kernel_mode, self.device, (self.world_size, self.world_size * self.draws))
         return self._kernels
 
     @staticmethod
@@ -195,20 +211,25 @@ class LogitStore:
     def key(self, step: int, slot: int, layer: int) -> int:
         return key_scalar(self.seed, step, slot, layer)
 
+    def slot(self, rank: int, draw: int) -> int:
+        """The sample slot of draw ``draw`` of ``rank`` (rank-major; = rank when K = 1)."""
+        return rank * self.draws + draw
+
     @torch.no_grad()
-    def _sample_codes(self, layer: int, step: int) -> torch.Tensor:
-        """The R ranks' draws of ``step`` on this slice as codes ``[R, g]`` (N = 2)."""
-        keys = [self.key(step, s, layer) for s in range(self.world_size)]
+    def _sample_codes(self, layer: int, step: int, draw: int = 0) -> torch.Tensor:
+        """Draw ``draw`` of the R ranks at ``step`` on this slice as codes ``[R, g]`` (N = 2)."""
+        keys = [self.key(step, self.slot(r, draw), layer) for r in range(self.world_size)]
         kernel, _, name = self.kernels()
         return sample_codes(self.logits[layer], keys, self.local_range(layer)[0], kernel=kernel,
                             **self._chunking(name))
 
-    def slice_mask(self, layer: int, mode: MaskMode, slot: int) -> torch.Tensor:
-        """Bool ``[g, M]`` on this rank's slice: rank ``slot``'s sample, the prior, or the final mask."""
+    def slice_mask(self, layer: int, mode: MaskMode, rank: int) -> torch.Tensor:
+        """Bool ``[g, M]`` on this rank's slice: ``rank``'s sample, the prior, or the final mask."""
         g0, _ = self.local_range(layer)
         match mode:
-            case SampleMode(step=step):
-                return sample_masks(self.logits[layer], self.n, self.key(step, slot, layer), group_offset=g0)
+            case SampleMode(step=step, draw=draw):
+                return sample_masks(self.logits[layer], self.n, self.key(step, self.slot(rank, draw), layer),
+                                    group_offset=g0)
             case PriorMode():
                 return self.prior_slice(layer)
             case FinalMode():
@@ -221,8 +242,8 @@ class LogitStore:
         is on. No communication."""
         world = self.world_size
         match mode:
-            case SampleMode(step=step) if self.n == 2:
-                codes = self._sample_codes(layer, step)
+            case SampleMode(step=step, draw=draw) if self.n == 2:
+                codes = self._sample_codes(layer, step, draw)
                 chunks = [codes_to_packed(codes[s], self.m) for s in range(world)]
             case SampleMode():
                 chunks = [pack_bits(self.slice_mask(layer, mode, s).reshape(-1)) for s in range(world)]
@@ -234,7 +255,7 @@ class LogitStore:
                 chunks = [pack_bits(self.slice_mask(layer, mode, 0).reshape(-1))] * world
         send = torch.cat(chunks) if world > 1 else chunks[0]
         if isinstance(mode, SampleMode) and self.cache_samples:
-            self._sample_cache[layer] = (mode.step, send)
+            self._sample_cache[(layer, mode.draw)] = (mode.step, send)
         return send, [c.numel() for c in chunks]
 
     @contextlib.contextmanager
@@ -258,44 +279,61 @@ class LogitStore:
         return distributed.all_to_all_bytes(send, send_sizes, recv_sizes)
 
     # ------------------------------------------------------------------ update
-    def _step_codes(self, layer: int, step: int) -> torch.Tensor:
-        """The R masks of ``step`` on this slice as codes ``[R, g]``: cached from the forward, or drawn again."""
-        cached = self._sample_cache.pop(layer, None)
+    def _draw_codes(self, layer: int, step: int, draw: int) -> torch.Tensor:
+        """Draw ``draw`` of the R ranks on this slice as codes ``[R, g]``: cached from the forward, or drawn again."""
+        cached = self._sample_cache.pop((layer, draw), None)
         if cached is None or cached[0] != step:
-            return self._sample_codes(layer, step)
+            return self._sample_codes(layer, step, draw)
         g0, g1 = self.local_range(layer)
         nbytes = self._slice_bytes(layer, self.rank)
         send = cached[1]
         return torch.stack([packed_to_codes(send[s * nbytes:(s + 1) * nbytes], g1 - g0, self.m)
                             for s in range(self.world_size)])
 
-    @torch.no_grad()
-    def apply_update(self, layer: int, step: int, advantages: list[float], lr: float) -> dict[str, float]:
-        """π ← π − lr/R Σ_s a_s ∇log P(m_s) on this slice, with the R masks of ``step``.
+    def _step_codes(self, layer: int, step: int) -> torch.Tensor:
+        """The R·K masks of ``step`` on this slice as codes ``[R·K, g]``, row = slot (rank-major)."""
+        if self.draws == 1:
+            return self._draw_codes(layer, step, 0)
+        per_draw = torch.stack([self._draw_codes(layer, step, d) for d in range(self.draws)])  # [K, R, g]
+        return per_draw.transpose(0, 1).reshape(self.world_size * self.draws, -1)
 
-        Returns local counts for monitoring: groups whose samples deviate from the prior (summed
-        over the R samples) and groups whose final mask differs from the prior. Raises if the
-        updated logits hold NaN or inf.
+    @torch.no_grad()
+    def apply_update(self, layer: int, step: int, advantages: list[float], lr: float, rule=None) -> dict[str, float]:
+        """π ← π − lr/(RK) Σ_s a_s ∇log P(m_s) on this slice, with the R·K masks of ``step`` (one
+        advantage per slot, rank-major).
+
+        ``rule``: an estimator's update with per-logit state (``apply_codes`` for N = 2,
+        ``apply_masks`` otherwise, e.g. masks/second_moment.py), applied every step so its state
+        moves in step with the logits; None = the plain kernel. Returns local counts for
+        monitoring: groups whose samples deviate from the prior (summed over the R·K samples) and
+        groups whose final mask differs from the prior. Raises if the updated logits hold NaN or inf.
         """
+        if len(advantages) != self.world_size * self.draws:
+            raise ValueError(f"apply_update: need {self.world_size * self.draws} advantages (R·K), got {len(advantages)}")
         if self.n != 2:
-            return self._apply_update_general(layer, step, advantages, lr)
+            return self._apply_update_general(layer, step, advantages, lr, rule)
         g0, g1 = self.local_range(layer)
         prior = packed_to_codes(self.prior_bits[layer], g1 - g0, self.m)
         codes = self._step_codes(layer, step)
         deviating = int((codes != prior).sum())
-        if lr != 0.0 and any(a != 0.0 for a in advantages):
+        if rule is not None:
+            final = rule.apply_codes(self.logits[layer], codes, advantages, lr)
+        elif lr != 0.0 and any(a != 0.0 for a in advantages):
             _, kernel, name = self.kernels()
             final = apply_update_codes_(self.logits[layer], codes, advantages, lr, kernel=kernel, **self._chunking(name))
         else:
             final = top2_codes(self.logits[layer])
         return {"deviating": deviating, "changed": int((final != prior).sum())}
 
-    def _apply_update_general(self, layer: int, step: int, advantages: list[float], lr: float) -> dict[str, float]:
-        self._sample_cache.pop(layer, None)
-        masks = [self.slice_mask(layer, SampleMode(step), s) for s in range(self.world_size)]
+    def _apply_update_general(self, layer: int, step: int, advantages: list[float], lr: float, rule) -> dict[str, float]:
+        for d in range(self.draws):
+            self._sample_cache.pop((layer, d), None)
+        masks = [self.slice_mask(layer, SampleMode(step, d), r) for r in range(self.world_size) for d in range(self.draws)]
         prior = self.prior_slice(layer)
         deviating = sum(int((mk != prior).any(dim=1).sum()) for mk in masks)
-        if lr != 0.0 and any(a != 0.0 for a in advantages):
+        if rule is not None:
+            rule.apply_masks(self.logits[layer], masks, advantages, lr, self.n)
+        elif lr != 0.0 and any(a != 0.0 for a in advantages):
             apply_update_(self.logits[layer], masks, advantages, lr, self.n)
         changed = int((final_mask(self.logits[layer], self.n, self.m) != prior).any(dim=1).sum())
         return {"deviating": deviating, "changed": changed}

@@ -1,7 +1,8 @@
 """Which mask a masked forward uses: a typed mode, set for the duration of one forward.
 
-* :class:`SampleMode` (step t): every rank draws its own mask m_r ~ p(·|π) with the counter-based
-  sampler keyed by (seed, t, rank, layer); the update later regenerates the same R masks.
+* :class:`SampleMode` (step t, draw d): every rank draws its own mask m_{r,d} ~ p(·|π) with the
+  counter-based sampler keyed by (seed, t, slot, layer), slot = r·K + d for K draws per rank and
+  step (K = 1: slot = rank); the update later regenerates the same R·K masks.
 * :data:`PRIOR`: the prior mask m0 (the baseline forward f(m0, ξ)).
 * :data:`FINAL`: the final top-N mask of the current logits (held-out evaluation, export).
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SampleMode:
     step: int
+    draw: int = 0
+    """Which of the rank's K draws of this step (several masks on the same batch)."""
 
 
 @dataclass(frozen=True)

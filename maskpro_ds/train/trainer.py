@@ -1,15 +1,17 @@
 """The MaskPro trainer: builds the run in ``__init__``, then ``step``/``train``/``close``.
 
 One step on rank r of R (design in docs/architecture.md), read top to bottom in :meth:`Trainer.step`:
-  ids   = schedule.ids(step, r)                  # sample ids; f(m0) looked up by id
-  loss  = forward.losses(tokens, SampleMode(t))  # each masked Linear gets rank r's sampled mask
-  every = all_gather(loss, f0)                   # R pairs, identical on every rank
-  adv   = estimator.advantages(every)            # the registry in train/estimators/ (pure)
-  store.apply_update(adv, lr)                    # owners regenerate the R masks on their slices
-  estimator.commit(every)                        # running state moves once the update is applied
-  guard.check_advantages(raw), check_deviation   # may halve lr from the next step (train/lr_guard.py)
+  ids   = schedule.ids(step, r)                     # sample ids; f(m0) looked up by id
+  loss  = forward.losses(tokens, SampleMode(t, d))  # d = 0..K-1: rank r's K sampled masks, same batch
+  every = all_gather(losses, f0)                    # R·K losses and R baselines, identical on every rank
+  adv   = estimator.advantages(every)               # the registry in train/estimators/ (pure)
+  store.apply_update(adv, lr · schedule(t), rule)   # owners regenerate the R·K masks on their slices
+  estimator.commit(every)                           # running state moves once the update is applied
+  guard.check_advantages(raw), check_deviation      # may halve lr from the next step (train/lr_guard.py)
 Non-finite losses skip the step everywhere (logits and estimator state untouched); a non-finite
-baseline stops the run with a checkpoint, naming the samples.
+baseline stops the run with a checkpoint, naming the samples. Every training forward is counted per
+rank (``train/forwards``): K per step, one more per step with the online baseline, and the
+precomputed f(m0) pass once.
 
 Before anything else rank 0 locks the run directory (train/run_lock.py); a resume is checked
 against the checkpoint (train/resume_checks.py) before the model is loaded; config.yaml and the
@@ -42,7 +44,7 @@ from maskpro_ds.models.hf_dir import check_model_dir
 from maskpro_ds.models.targets import select_targets
 from maskpro_ds.train import baseline_cache, checkpoint, preemption
 from maskpro_ds.train.estimators import StepLosses, make_estimator
-from maskpro_ds.train.forward import MaskedForward
+from maskpro_ds.train.forward import MaskedForward, num_rounds
 from maskpro_ds.train.logit_store import LogitStore
 from maskpro_ds.train.lr_guard import GuardStop, LrGuard
 from maskpro_ds.train.mask_modes import PRIOR, SampleMode
@@ -50,6 +52,7 @@ from maskpro_ds.train.metrics import MetricsLogger, ProgressBar
 from maskpro_ds.train.periodic_eval import heldout_windows, masked_perplexity
 from maskpro_ds.train.resume_checks import RunIdentity, check_resume
 from maskpro_ds.train.run_lock import lock_run_dir
+from maskpro_ds.train.step_size import lr_factor
 from maskpro_ds.train.zero_model import build_ds_config, install_masked_forward, load_partitioned_model
 from maskpro_ds.train.zero_utils import full_numel, gathered, is_released, local_numel, zero_partition
 
@@ -113,24 +116,25 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, self.info.world_size)
         self.engine, self.model = load_partitioned_model(cfg, self.ds_config)
         self.targets = select_targets(self.model, cfg.mask.m, cfg.model.targets, cfg.model.include, cfg.model.exclude)
+        self.estimator = make_estimator(cfg.train)
         self.store = LogitStore([t.name for t in self.targets], [t.shape for t in self.targets], cfg.mask.n, cfg.mask.m,
                                 self.info.rank, self.info.world_size, cfg.train.seed, device=self.info.device,
-                                cache_samples=cfg.mask.cache_samples, kernels=cfg.mask.kernels)
+                                cache_samples=cfg.mask.cache_samples, kernels=cfg.mask.kernels,
+                                draws=self.estimator.draws_per_rank)
         self.prior_identity = self._init_prior()
         install_masked_forward(self.targets, self.store.mask_for_forward)
         self.forward = MaskedForward(self.engine, self.store)
-
-        self.estimator = make_estimator(cfg.train)
-        if self.estimator.draws_per_rank != 1:
-            raise ValueError(f"train.estimator={cfg.train.estimator} draws {self.estimator.draws_per_rank} masks per rank "
-                             "and step; the logit store draws one (slot = rank)")
         self.estimator.bind(self.store.group_ranges())
+        # The f(m0) pass costs num_rounds forwards per rank, once (a cache reused from disk included).
+        precompute = cfg.train.baseline == "precompute"
+        self.forwards = num_rounds(len(self.samples.ids), self.info.world_size, cfg.data.batch_size) if precompute else 0
         self.guard = LrGuard(cfg.train.lr, cfg.train.max_abs_advantage, cfg.train.max_deviation)
         self.step_index = 0
         self.bad_steps = 0
         self.skipped_steps = 0
         self.best_eval = math.inf
         self.run_id = distributed.broadcast_object(uuid.uuid4().hex[:12] if self.info.is_main else None)
+        self.resumed = manifest is not None
         if manifest is not None:
             self._resume(manifest)
         if self.info.is_main:  # every check passed: from here on the run directory is this run's
@@ -238,32 +242,38 @@ class Trainer:
         t0 = time.time()
         ids = self.schedule.ids(self.step_index, self.info.rank)
         tokens = self._tokens(ids)
-        loss = self.forward.losses(tokens, SampleMode(self.step_index)).double().mean()
+        k = self.estimator.draws_per_rank
+        loss = torch.stack([self.forward.losses(tokens, SampleMode(self.step_index, d)).double().mean().cpu()
+                            for d in range(k)])
         if _fault_nan(self.step_index, self.info.rank):
-            loss = torch.tensor(float("nan"), dtype=torch.float64)
+            loss = torch.full((k,), float("nan"), dtype=torch.float64)
         if self.baseline is not None:
             f0_each = self.baseline.get(ids)
         else:
             f0_each = self.forward.losses(tokens, PRIOR).double().cpu()
-        every = distributed.all_gather_floats(torch.stack([loss.cpu(), f0_each.mean()]).to(self.info.device)).cpu()
-        if not bool(torch.isfinite(every[:, 1]).all()):
+        self.forwards += k + (self.baseline is None)
+        every = distributed.all_gather_floats(torch.cat([loss, f0_each.mean().reshape(1)]).to(self.info.device)).cpu()
+        if not bool(torch.isfinite(every[:, k]).all()):
             self._stop_on_baseline(ids[~torch.isfinite(f0_each)].tolist())
-        losses = StepLosses(losses=every[:, 0].tolist(), baselines=every[:, 1].tolist())
-        values = {"train/loss": float(every[:, 0].mean()), "train/baseline_loss": float(every[:, 1].mean())}
-        if not bool(torch.isfinite(every[:, 0]).all()):
+        # draw index rank·K + d, each draw paired with its rank's baseline
+        losses = StepLosses(losses=every[:, :k].reshape(-1).tolist(),
+                            baselines=every[:, k:].expand(-1, k).reshape(-1).tolist())
+        values = {"train/loss": float(every[:, :k].mean()), "train/baseline_loss": float(every[:, k].mean()),
+                  "train/forwards": self.forwards}
+        if not bool(torch.isfinite(every[:, :k]).all()):
             return self._skip_step(values, t0)
         self.bad_steps = 0
 
         raw = self.estimator.raw_advantages(losses)  # loss units: what the guard bounds
         advantages = self.estimator.advantages(losses)  # what the update uses
-        lr = self.guard.lr
+        lr = self.guard.lr * lr_factor(cfg.train, self.step_index)
         counts = torch.zeros(2, dtype=torch.float64)
-        for layer in range(len(store.names)):
-            c = store.apply_update(layer, self.step_index, advantages, lr)
+        for layer, name in enumerate(store.names):
+            c = store.apply_update(layer, self.step_index, advantages, lr, self.estimator.update_rule(name))
             counts += torch.tensor([c["deviating"], c["changed"]], dtype=torch.float64)
         counts = distributed.all_gather_floats(counts.to(self.info.device)).sum(0).cpu()
         total_groups = store.num_groups_total
-        deviating = float(counts[0]) / (total_groups * world)
+        deviating = float(counts[0]) / (total_groups * world * k)
         self.estimator.commit(losses)
         self.step_index += 1
         # The step is complete; a trip halves lr from the next step on, and a stop saves this state.
@@ -277,16 +287,16 @@ class Trainer:
         elapsed = time.time() - t0
         values.update({
             "train/residual_mean": float(res.mean()),
-            "train/residual_std": float(res.std()) if world > 1 else 0.0,
+            "train/residual_std": float(res.std()) if res.numel() > 1 else 0.0,
             **self.estimator.metrics(),
-            "train/advantage_mean": sum(advantages) / world,
+            "train/advantage_mean": sum(advantages) / len(advantages),
             "train/advantage_abs_max": max(abs(a) for a in advantages),
             "train/raw_advantage_abs_max": max(abs(a) for a in raw),
             "train/deviating_groups_frac": deviating,
             "train/changed_groups_frac": float(counts[1]) / total_groups,
             "train/lr": lr,
             "train/step_time_s": elapsed,
-            "train/tokens_per_s": world * tokens.numel() / max(elapsed, 1e-9),
+            "train/tokens_per_s": world * k * tokens.numel() / max(elapsed, 1e-9),
             "train/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "train/skipped_steps": self.skipped_steps,
         })
@@ -339,6 +349,8 @@ class Trainer:
         progress = ProgressBar(cfg.train.steps, self.step_index, enabled=self.info.is_main and cfg.metrics.progress,
                                desc="maskpro")
         try:
+            if cfg.train.eval_every and cfg.train.eval_at_start and self.step_index == 0 and not self.resumed:
+                self.metrics.log(0, {**self.evaluate(), "train/forwards": self.forwards})
             while self.step_index < cfg.train.steps:
                 values = self.step()
                 _fault_injection(self.step_index, self.info.rank)
@@ -382,7 +394,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step_index, **self.guard.state_dict(), "bad_steps": self.bad_steps,
                 "skipped_steps": self.skipped_steps, "best_eval": float(self.best_eval).hex(),
-                "estimator": self.estimator.state_dict(), **self.identity.state(),
+                "estimator": self.estimator.state_dict(), **self.identity.state(), "forwards": self.forwards,
                 "world_size": self.info.world_size}
 
     def load_state_dict(self, state: dict) -> None:
@@ -391,6 +403,7 @@ class Trainer:
         self.bad_steps = int(state["bad_steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self.best_eval = float.fromhex(state["best_eval"])
+        self.forwards = int(state.get("forwards", self.forwards))  # absent in checkpoints older than the count
         # Checkpoints written before the estimator registry kept its state at the top level.
         self.estimator.load_state_dict(state.get("estimator", state))
 

@@ -15,6 +15,7 @@ from maskpro_ds.train.logit_store import LogitStore
 from maskpro_ds.train.lr_guard import GuardStop, LrGuard
 from maskpro_ds.train.mask_modes import FINAL, PRIOR, SampleMode
 
+TRACKED = {"residual_tracker", "loo", "adaptive"}  # with one draw per rank, loo and adaptive use the tracker
 STEPS = [StepLosses([2.5, 2.75], [2.25, 2.5]), StepLosses([2.0, 3.0], [2.5, 2.5]), StepLosses([1.5, 2.0], [2.0, 1.0])]
 
 
@@ -32,13 +33,13 @@ def test_estimators_equal_tracker_and_scaler_composed_by_hand(name, norm):
     scaler = AdvantageScaler(mode=norm, clip=clip or None)
     for step in STEPS:
         signal = step.losses if name == "vanilla" else [f - b for f, b in zip(step.losses, step.baselines, strict=True)]
-        want = scaler.scale(tracker.advantages(signal) if name == "residual_tracker" else signal)
+        want = scaler.scale(tracker.advantages(signal) if name in TRACKED else signal)
         assert est.advantages(step) == want
         est.commit(step)
-        if name == "residual_tracker":
+        if name in TRACKED:
             tracker.update(signal)
         assert est.metrics() == {"train/delta": tracker.delta}
-    assert (tracker.delta != 0.0) == (name == "residual_tracker")
+    assert (tracker.delta != 0.0) == (name in TRACKED)
 
 
 def test_estimator_state_round_trip_is_exact():

@@ -7,13 +7,17 @@ Adding an estimator: one new file with its class, one line below, and its name a
 from __future__ import annotations
 
 from maskpro_ds.config import TrainConfig
+from maskpro_ds.train.estimators.adaptive import AdaptiveEstimator
 from maskpro_ds.train.estimators.base import Estimator, StepLosses
+from maskpro_ds.train.estimators.loo import LeaveOneOutEstimator
 from maskpro_ds.train.estimators.residual import ResidualEstimator, ResidualTrackerEstimator, VanillaEstimator
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     "residual_tracker": ResidualTrackerEstimator,
     "residual": ResidualEstimator,
     "vanilla": VanillaEstimator,
+    "loo": LeaveOneOutEstimator,
+    "adaptive": AdaptiveEstimator,
 }
 
 

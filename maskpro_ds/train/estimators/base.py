@@ -1,10 +1,11 @@
 """The estimator protocol: how one step's losses become the advantages of the logit update.
 
-The trainer runs ``draws_per_rank`` sampled forwards per rank (one mask draw each), all-gathers every
-draw's loss and its baseline f(m0, ξ) into a :class:`StepLosses` (identical on every rank), and asks
-the estimator for one advantage per draw; the logit store then applies
-π ← π − lr/K Σ_k a_k ∇log P(m_k) over the K draws. ``advantages`` and ``raw_advantages`` are pure;
-after the update the trainer calls ``commit`` so the estimator can refresh its running state (a
+The trainer runs ``draws_per_rank`` (K) sampled forwards per rank on the rank's batch (one mask draw
+each), all-gathers every draw's loss and its baseline f(m0, ξ) into a :class:`StepLosses`
+(identical on every rank), and asks the estimator for one advantage per draw; the logit store then
+applies π ← π − lr/(RK) Σ_k a_k ∇log P(m_k) over the R·K draws, or the estimator's own
+``update_rule`` for a layer when it has per-logit state. ``advantages`` and ``raw_advantages`` are
+pure; after the update the trainer calls ``commit`` so the estimator can refresh its running state (a
 tracker, a scale). A step with a non-finite loss is skipped before the estimator is asked, and a
 step stopped before its update never commits, so state only moves, once, on steps that update.
 
@@ -52,6 +53,10 @@ class Estimator(Protocol):
     def advantages(self, step: StepLosses) -> list[float]:
         """One advantage per draw as the update uses it, identical on every rank; pure."""
 
+    def update_rule(self, layer: str):
+        """The update of ``layer`` this step when it is not the plain one (an object with ``apply_codes``
+        and ``apply_masks``, e.g. masks/second_moment.py::SecondMomentRule); None = the plain kernel."""
+
     def commit(self, step: StepLosses) -> None:
         """After the update: refresh running state (e.g. the residual tracker, the running RMS)."""
 
@@ -69,17 +74,17 @@ class Estimator(Protocol):
 
 
 class PolicyGradientEstimator:
-    """Shared by today's estimators: one draw per rank, a signal per draw, optional tracker, the scaler.
+    """Shared by the estimators: K draws per rank, a signal per draw, optional tracker, the scaler.
 
     Subclasses choose the signal (the residual or the loss) and whether the smoothed baseline δ of
     the residual tracker is subtracted. ``train.advantage_norm`` then conditions the advantages
     (none: the paper's plain update; rms or clip: docs/method.md §5).
     """
 
-    draws_per_rank = 1
     uses_tracker = False
 
     def __init__(self, train: TrainConfig):
+        self.draws_per_rank = train.masks_per_step
         self.tracker = ResidualTracker(alpha=train.alpha, order=train.tracker_order)
         # advantage_clip bounds |a| (loss units) under "clip" and |a / rms| under "rms"; 0 = no clip.
         # Config.validate refuses a clip under "none", where it would do nothing.
@@ -98,6 +103,9 @@ class PolicyGradientEstimator:
 
     def advantages(self, step: StepLosses) -> list[float]:
         return self.scaler.conditioned(self.raw_advantages(step))
+
+    def update_rule(self, layer: str):
+        return None
 
     def commit(self, step: StepLosses) -> None:
         self.scaler.observe(self.raw_advantages(step))  # before the tracker moves: this step's advantages

@@ -1,0 +1,285 @@
+"""The estimator tournament: validation perplexity against forward passes, at an equal budget.
+
+    python -m bench.estimators --screen                  # every option, 300 forwards per rank, seeds 0 and 1
+    python -m bench.estimators --final                   # the best 3 of the screen + the paper's row, 1,500
+    python -m bench.estimators --final --options paper,loo2_rms,adaptive2_rms
+    python -m bench.estimators --forwards 20 --options tracker_rms --seeds 0 --samples 16   # smoke test
+    python -m bench.estimators --list                    # the options and what they set
+
+SmolLM2-135M-Instruct from the SparseGPT prior (``--prior``), all 210 decoder Linears at 2:4, 2
+DeepSpeed ZeRO-3 CPU ranks, the demo's calibration text (``--samples`` windows of 128 tokens, batch
+4 per rank). Every option gets the same budget of forward passes per rank (the trainer's
+``train/forwards``: K per step for K masks per step, the cached f(m0) pass counted once), so an
+option drawing more masks per step takes fewer steps. Validation perplexity (bench/quality.py's
+validation split: the held-out Wikipedia articles after the first 16, which stay the test text) is
+measured on the prior before the first step and about every ``--eval-forwards`` forwards after.
+
+Runs are uninterrupted: a run directory left without its result by an interrupted command is
+started again from scratch (``--allow-resume`` continues it instead and marks it so). Finished
+runs are kept, so rerunning a command only does what is missing. Results accumulate in
+bench/results/estimators.json (one entry per mode, option and seed; ``--results`` elsewhere; custom
+budgets write into ``--out``) with a PNG of every curve beside it. docs/estimators.md explains the
+options and how to read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.quality import split_heldout
+from maskpro_ds.demo.assets import prepare_demo
+from maskpro_ds.demo.run import DemoSizes, train
+from maskpro_ds.train.forward import num_rounds
+
+REPO = Path(__file__).resolve().parents[1]
+RANKS, BATCH, SEQLEN = 2, 4, 128
+MODES = {"screen": 300, "final": 1500}
+PAPER = "paper"
+
+# name -> (what it is, lr, overrides). The lr values: the paper's 50 for its plain update; 1.5 for
+# rms-normalised advantages with one mask per rank (docs/training.md, measured on this model), and
+# 1.5·K with K masks, which keeps the logit change per deviation event (lr·|a|/(R·K) ≈ 0.75 logits)
+# and the drift per forward of that recipe; adaptive: chosen so a group's first deviation moves its
+# logits by about 1 (|d| ≈ |a|/(R·K) ≈ 0.25, 0.04 · 0.25 / 0.01). None of the new rows is tuned:
+# that is what the screen is for. Every other setting is the trainer's default.
+OPTIONS: dict[str, tuple[str, float, list[str]]] = {
+    PAPER: ("MaskPro as published: residual with the tracker, plain update", 50.0, []),
+    "tracker_rms": ("residual with the tracker, rms-normalised advantages (the current recipe)", 1.5,
+                    ["--train.advantage_norm=rms"]),
+    "tracker_rms_cosine": ("tracker_rms at twice the lr, cosine decay to 0.1", 3.0,
+                           ["--train.advantage_norm=rms", "--train.lr_schedule=cosine"]),
+    "loo2_rms": ("2 masks per rank on the same batch, leave-one-out baseline, rms", 3.0,
+                 ["--train.estimator=loo", "--train.masks_per_step=2", "--train.advantage_norm=rms"]),
+    "loo4_rms": ("4 masks per rank, leave-one-out, rms", 6.0,
+                 ["--train.estimator=loo", "--train.masks_per_step=4", "--train.advantage_norm=rms"]),
+    "loo2_mix_rms": ("loo2_rms with half the tracker in the baseline", 3.0,
+                     ["--train.estimator=loo", "--train.masks_per_step=2", "--train.loo_tracker_weight=0.5",
+                      "--train.advantage_norm=rms"]),
+    "adaptive2_rms": ("loo2_rms plus per-logit second-moment steps (eps 0.01)", 0.04,
+                      ["--train.estimator=adaptive", "--train.masks_per_step=2", "--train.advantage_norm=rms",
+                       "--train.adaptive_eps=0.01"]),
+    "adaptive1_rms": ("the tracker plus per-logit second-moment steps, one mask per rank", 0.04,
+                      ["--train.estimator=adaptive", "--train.advantage_norm=rms", "--train.adaptive_eps=0.01"]),
+    "loo2_rms_c8": ("loo2_rms from C = 8 (more exploration: ~7x the deviations of C = 10)", 3.0,
+                    ["--train.estimator=loo", "--train.masks_per_step=2", "--train.advantage_norm=rms",
+                     "--mask.init_scale=8"]),
+}
+
+
+def forwards_per_step(overrides: list[str]) -> int:
+    """K (``--train.masks_per_step``, default 1), plus 1 with the online baseline."""
+    k = 1
+    for item in overrides:
+        if item.startswith("--train.masks_per_step="):
+            k = int(item.split("=", 1)[1])
+    return k + any(item == "--train.baseline=online" for item in overrides)
+
+
+def plan(budget: int, samples: int, fps: int, eval_forwards: int) -> tuple[int, int]:
+    """(steps, eval_every): the most steps whose forwards fit the budget, a whole number of evaluation
+    intervals of about ``eval_forwards`` forwards each."""
+    left = budget - num_rounds(samples, RANKS, BATCH)
+    if left < fps:
+        raise SystemExit(f"--forwards {budget}: the f(m0) pass of {samples} samples takes "
+                         f"{num_rounds(samples, RANKS, BATCH)} forwards per rank; nothing is left for a step "
+                         "(raise --forwards or lower --samples)")
+    every = max(1, round(eval_forwards / fps))
+    steps = left // fps
+    return (steps // every) * every or steps, min(every, steps)
+
+
+def make_prior(assets, method: str, out: Path, calib_samples: int) -> Path:
+    from maskpro_ds.priors.base import PriorSpec
+    from maskpro_ds.priors.make import make_prior as make
+
+    target = out / method
+    if not (target / "mask_manifest.json").is_file():
+        print(f"prior {method} ({calib_samples} x 128 calibration tokens) -> {target}", flush=True)
+        make(PriorSpec(model=str(assets.model_dir), method=method, out=str(target), calib=str(assets.calib_text),
+                       nsamples=calib_samples, seqlen=128, force=True))
+    return target
+
+
+def read_curve(run_dir: Path) -> tuple[list[list[float]], int, int]:
+    """([[forwards, val ppl], ...], last step, forwards at the last step) from a run's metrics.jsonl."""
+    curve, step, forwards = [], 0, 0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "eval/ppl" in record:
+            curve.append([int(record["train/forwards"]), record["eval/ppl"]])
+        if "train/forwards" in record:
+            step, forwards = record["step"], int(record["train/forwards"])
+    return curve, step, forwards
+
+
+def run_option(name: str, seed: int, args, assets, prior: Path, val: Path, out: Path, mode: str) -> dict:
+    """Train one (option, seed) to the budget, or read its finished result."""
+    what, lr, overrides = OPTIONS[name]
+    run_dir = out / mode / name / f"seed{seed}"
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    interrupted = run_dir.exists()
+    if interrupted and not args.allow_resume:
+        print(f"{name} seed {seed}: an interrupted run is started again from scratch", flush=True)
+        shutil.rmtree(run_dir)
+        interrupted = False
+    fps = forwards_per_step(overrides)
+    steps, eval_every = plan(args.forwards, args.samples, fps, args.eval_forwards)
+    extra = [*overrides, f"--train.seed={seed}", f"--train.eval_every={eval_every}", f"--train.eval_source={val}",
+             f"--train.eval_tokens={args.eval_tokens}", "--train.eval_at_start=true",
+             f"--checkpoint.every={eval_every}", "--checkpoint.keep_last=1", "--train.max_deviation=0.02"]
+    print(f"{name} seed {seed}: {steps} steps x {fps} forwards (+{num_rounds(args.samples, RANKS, BATCH)} for f(m0)), "
+          f"lr {lr}, eval every {eval_every} steps -> {run_dir}", flush=True)
+    t0 = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train(assets.model_dir, assets.calib_text, prior, run_dir,
+          DemoSizes(steps=steps, lr=lr, dtype=args.dtype, num_samples=args.samples, batch_size=BATCH, seqlen=SEQLEN),
+          extra=extra)
+    curve, last_step, forwards = read_curve(run_dir)
+    result = {"name": name, "seed": seed, "forwards": forwards, "val_ppl": curve, "steps": last_step,
+              "forwards_per_step": fps, "lr": lr, "overrides": overrides, "what": what, "mode": mode,
+              "budget": args.forwards, "uninterrupted": not interrupted, "wall_s": round(time.time() - t0, 1),
+              "final_val_ppl": curve[-1][1] if curve else None, "prior_val_ppl": curve[0][1] if curve else None}
+    done.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def summarise(entries: list[dict]) -> dict:
+    """Per (mode, option): median over seeds of the last validation perplexity, and the seeds' values."""
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(f"{e['mode']}/{e['name']}", []).append(e)
+    out = {}
+    for key, runs in sorted(groups.items()):
+        finals = [r["final_val_ppl"] for r in runs if r.get("final_val_ppl") is not None]
+        out[key] = {"seeds": [r["seed"] for r in runs], "final_val_ppl": finals,
+                    "median_final_val_ppl": statistics.median(finals) if finals else None,
+                    "prior_val_ppl": runs[0].get("prior_val_ppl"), "forwards": [r["forwards"] for r in runs]}
+    return out
+
+
+def plot(entries: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({e["name"] for e in entries})
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    modes = sorted({e["mode"] for e in entries})
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for e in sorted((e for e in entries if e["mode"] == mode), key=lambda e: (e["name"], e["seed"])):
+            if e["val_ppl"]:
+                xs, ys = zip(*e["val_ppl"], strict=True)
+                ax.plot(xs, ys, color=colors[e["name"]], ls="-" if e["seed"] % 2 == 0 else "--", marker=".",
+                        label=f"{e['name']} (seed {e['seed']})")
+        ax.set(xlabel="forward passes per rank", ylabel="validation perplexity", title=f"{mode}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def best_of_screen(results: Path, count: int) -> list[str]:
+    """The ``count`` options with the lowest median validation perplexity at the end of the screen."""
+    if not results.is_file():
+        raise SystemExit(f"--final without --options needs the screen's results in {results}; run --screen first")
+    summary = summarise([e for e in json.loads(results.read_text())["options"] if e["mode"] == "screen"])
+    ranked = sorted((v["median_final_val_ppl"], k.split("/", 1)[1]) for k, v in summary.items()
+                    if v["median_final_val_ppl"] is not None)
+    return [name for _, name in ranked[:count]]
+
+
+def git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--screen", action="store_true", help=f"{MODES['screen']} forwards per rank, every option")
+    mode.add_argument("--final", action="store_true", help=f"{MODES['final']} forwards per rank, the best of the screen")
+    mode.add_argument("--forwards", type=int, help="a custom budget (forwards per rank); results go into --out")
+    p.add_argument("--options", default="", help="comma list of options (default: all; --final: best 3 + paper)")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--prior", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--samples", type=int, default=512, help="calibration windows of 128 tokens")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows for the prior")
+    p.add_argument("--eval-forwards", type=int, default=50, help="forwards per rank between evaluations")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--cache", default=str(REPO / ".cache" / "demo"), help="the demo asset cache")
+    p.add_argument("--out", default=str(REPO / "runs" / "estimators"))
+    p.add_argument("--results", default="", help="results JSON (default: bench/results/estimators.json for "
+                   "--screen/--final, <out>/estimators.json for a custom budget)")
+    p.add_argument("--allow-resume", action="store_true", help="continue interrupted runs (marked uninterrupted=false)")
+    p.add_argument("--list", action="store_true", help="list the options and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for name, (what, lr, overrides) in OPTIONS.items():
+            print(f"{name:<20} lr {lr:<6g} {what}\n{'':<20} {' '.join(overrides) or '(defaults)'}")
+        return 0
+    mode = "screen" if args.screen else "final" if args.final else f"forwards{args.forwards}" if args.forwards else None
+    if mode is None:
+        p.error("choose --screen, --final or --forwards N (or --list)")
+    args.forwards = MODES.get(mode, args.forwards)
+    out = Path(args.out)
+    results = Path(args.results) if args.results else (
+        REPO / "bench" / "results" / "estimators.json" if mode in MODES else out / "estimators.json")
+    names = [n for n in args.options.split(",") if n]
+    if not names:
+        names = list(OPTIONS) if mode != "final" else [PAPER, *[n for n in best_of_screen(results, 3) if n != PAPER]]
+    unknown = sorted(set(names) - set(OPTIONS))
+    if unknown:
+        p.error(f"--options: unknown {unknown}; known: {', '.join(OPTIONS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+
+    out.mkdir(parents=True, exist_ok=True)
+    assets = prepare_demo(args.cache)
+    _, val = split_heldout(assets.heldout_text, out)
+    prior = make_prior(assets, args.prior, out / "priors", args.calib_samples)
+    fresh = [run_option(n, s, args, assets, prior, val, out, mode) for n in names for s in seeds]
+
+    old = json.loads(results.read_text())["options"] if results.is_file() else []
+    keys = {(e["mode"], e["name"], e["seed"]) for e in fresh}
+    entries = [e for e in old if (e["mode"], e["name"], e["seed"]) not in keys] + fresh
+    png = plot(entries, results.with_suffix(".png"))
+    summary = {
+        "options": entries, "summary": summarise(entries), "prior": args.prior, "model": "SmolLM2-135M-Instruct",
+        "pattern": "2:4", "ranks": RANKS, "batch_per_rank": BATCH, "seqlen": SEQLEN, "samples": args.samples,
+        "train_dtype": args.dtype, "eval_tokens": args.eval_tokens, "eval_forwards": args.eval_forwards,
+        "baseline_forwards": num_rounds(args.samples, RANKS, BATCH), "git_commit": git_commit(), "plot": png.name,
+        "command": "python -m bench.estimators " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    results.parent.mkdir(parents=True, exist_ok=True)
+    tmp = results.with_name(f".tmp-{results.name}")
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, results)
+    print(f"\n{'option':<28} {'seeds':<8} {'forwards':>9} {'prior val':>10} {'final val (median)':>19}")
+    for key, v in summary["summary"].items():
+        med = v["median_final_val_ppl"]
+        print(f"{key:<28} {','.join(map(str, v['seeds'])):<8} {max(v['forwards']):>9} "
+              f"{v['prior_val_ppl'] or float('nan'):>10.2f} {med if med is not None else float('nan'):>19.2f}")
+    print(f"results: {results}\nplot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
