@@ -43,7 +43,8 @@ from maskpro_ds.masks.local_search import SearchConfig, SearchStats
 from maskpro_ds.masks.nm import magnitude_prior, topn_mask
 from maskpro_ds.models.lazy import ModelHandle
 from maskpro_ds.models.targets import targets_in_block
-from maskpro_ds.priors.calibration import ColumnSumSq, Hessian, _block_forward, capture_block_inputs
+from maskpro_ds.priors.block_inputs import Call, block_forward, record_block_inputs
+from maskpro_ds.priors.calibration import ColumnSumSq, Hessian
 from maskpro_ds.priors.swap_ranks import RowSplit
 from maskpro_ds.priors.wanda import wanda_scores
 
@@ -110,13 +111,13 @@ class _InputStats:
         return None if self.cross is None else weight @ self.cross.T
 
 
-def input_groups(block: nn.Module, linears: dict[str, nn.Linear], first: tuple) -> list[list[str]]:
+def input_groups(block: nn.Module, linears: dict[str, nn.Linear], first: tuple[torch.Tensor, Call]) -> list[list[str]]:
     """Target Linears grouped by the tensor they read, groups and members in call order."""
     seen: list[tuple[str, torch.Tensor]] = []
     hooks = [lin.register_forward_pre_hook(lambda _m, args, name=name: seen.append((name, args[0])))
              for name, lin in linears.items()]
     try:
-        _block_forward(block, *first)
+        block_forward(block, *first)
     finally:
         for hook in hooks:
             hook.remove()
@@ -139,7 +140,7 @@ def input_groups(block: nn.Module, linears: dict[str, nn.Linear], first: tuple) 
     return groups
 
 
-def _leader_input(block: nn.Module, leader: nn.Linear, hidden: torch.Tensor, kwargs: dict,
+def _leader_input(block: nn.Module, leader: nn.Linear, hidden: torch.Tensor, call: Call,
                   whole: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the block on one micro-batch: ``leader``'s input, and the block's output when ``whole``
     (otherwise the forward stops at ``leader``: the rest of the block is not needed)."""
@@ -152,7 +153,7 @@ def _leader_input(block: nn.Module, leader: nn.Linear, hidden: torch.Tensor, kwa
 
     handle = leader.register_forward_pre_hook(hook)
     try:
-        out = _block_forward(block, hidden, kwargs)
+        out = block_forward(block, hidden, call)
     except _Stop:
         out = None
     finally:
@@ -250,7 +251,8 @@ def swap_masks(
     sequential, dense_target = options.calib == "sequential", options.target == "dense"
     with torch.no_grad():
         t0 = time.perf_counter()
-        states = capture_block_inputs(handle, tokens, batch_size)
+        inputs = record_block_inputs(handle, tokens, batch_size)  # each block's own call arguments
+        states = inputs.hidden
         # With dense targets a second stream of activations runs beside: the dense model's.
         dense_states = list(states) if dense_target else None
         timing["forward_s"] += time.perf_counter() - t0
@@ -258,12 +260,13 @@ def swap_masks(
             t_block = time.perf_counter()
             block = handle.materialize_block(index)
             names = targets_in_block(targets, f"{handle.layers_prefix}.{index}")
+            calls = inputs.calls[index]
             linears = {name: handle.model.get_submodule(name) for name in names}
             originals = {name: lin.weight.data for name, lin in linears.items()}
             masked: dict[str, torch.Tensor] = {}  # W ⊙ m of the Linears of this block searched so far
             outputs: list[torch.Tensor] = []
             t0 = time.perf_counter()
-            groups = input_groups(block, linears, states[0]) if names else []
+            groups = input_groups(block, linears, (states[0], calls[0])) if names else []
             timing["forward_s"] += time.perf_counter() - t0
             for gi, group in enumerate(groups):
                 # Dense calibration: the last input's pass runs the whole dense block, whose outputs
@@ -273,12 +276,12 @@ def swap_masks(
                 leader = linears[group[0]]
                 stats = _InputStats(leader.in_features, originals[group[0]].device, starts.needs_column_sums,
                                     dense_target)
-                for k, (hidden, kwargs) in enumerate(states):
-                    x, out = _leader_input(block, leader, hidden, kwargs, whole)
+                for k, (hidden, call) in enumerate(zip(states, calls, strict=True)):
+                    x, out = _leader_input(block, leader, hidden, call, whole)
                     x_dense = None
                     if dense_target:
                         _set_weights(linears, originals)
-                        x_dense, _ = _leader_input(block, leader, *dense_states[k], whole=False)
+                        x_dense, _ = _leader_input(block, leader, dense_states[k], call, whole=False)
                         _set_weights(linears, masked)
                     stats.add(x, x_dense)
                     if out is not None:
@@ -302,11 +305,12 @@ def swap_masks(
             t0 = time.perf_counter()
             if index + 1 < len(handle.layers):
                 if not outputs:  # sequential mode, or a block without targets
-                    outputs = [_block_forward(block, hidden, kwargs) for hidden, kwargs in states]
-                states = [(out, kwargs) for out, (_, kwargs) in zip(outputs, states, strict=True)]
+                    outputs = [block_forward(block, hidden, call) for hidden, call in zip(states, calls, strict=True)]
+                states = outputs
                 if dense_target:
                     _set_weights(linears, originals)
-                    dense_states = [(_block_forward(block, h, kw), kw) for h, kw in dense_states]
+                    dense_states = [block_forward(block, h, call) for h, call in zip(dense_states, calls, strict=True)]
+            inputs.calls[index] = []  # this block's arguments are no longer needed
             timing["forward_s"] += time.perf_counter() - t0
             _set_weights(linears, originals)
             handle.release_block(index)

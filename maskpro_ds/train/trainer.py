@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import time
 import uuid
@@ -42,7 +41,7 @@ from maskpro_ds.masks.nm import magnitude_prior
 from maskpro_ds.masks.policy import mask_entropy
 from maskpro_ds.models.hf_dir import check_model_dir
 from maskpro_ds.models.targets import select_targets
-from maskpro_ds.train import baseline_cache, checkpoint, preemption
+from maskpro_ds.train import baseline_cache, checkpoint, fault_injection, preemption
 from maskpro_ds.train.estimators import StepLosses, make_estimator
 from maskpro_ds.train.forward import MaskedForward, num_rounds
 from maskpro_ds.train.logit_store import LogitStore
@@ -57,21 +56,6 @@ from maskpro_ds.train.zero_model import build_ds_config, install_masked_forward,
 from maskpro_ds.train.zero_utils import full_numel, gathered, is_released, local_numel, zero_partition
 
 logger = logging.getLogger(__name__)
-
-
-def _fault_injection(step: int, rank: int) -> None:
-    """Testing hook: MASKPRO_FAULT_STEP=k and MASKPRO_FAULT_RANK=r kill rank r (no cleanup) once step k
-    is done, the way an OOM kill or a node loss would. Unset in normal runs."""
-    fault_step = os.environ.get("MASKPRO_FAULT_STEP")
-    if fault_step is not None and step == int(fault_step) and rank == int(os.environ.get("MASKPRO_FAULT_RANK", "0")):
-        logger.error("MASKPRO_FAULT_STEP=%s: rank %d exits abruptly", fault_step, rank)
-        os._exit(137)
-
-
-def _fault_nan(step: int, rank: int) -> bool:
-    """Testing hook: MASKPRO_FAULT_NAN_STEPS=3,4 makes rank MASKPRO_FAULT_RANK see a NaN loss at those steps."""
-    steps = os.environ.get("MASKPRO_FAULT_NAN_STEPS")
-    return bool(steps) and rank == int(os.environ.get("MASKPRO_FAULT_RANK", "0")) and str(step) in steps.split(",")
 
 
 class TrainingStopped(RuntimeError):
@@ -245,7 +229,7 @@ class Trainer:
         k = self.estimator.draws_per_rank
         loss = torch.stack([self.forward.losses(tokens, SampleMode(self.step_index, d)).double().mean().cpu()
                             for d in range(k)])
-        if _fault_nan(self.step_index, self.info.rank):
+        if fault_injection.nan_loss(self.step_index, self.info.rank):
             loss = torch.full((k,), float("nan"), dtype=torch.float64)
         if self.baseline is not None:
             f0_each = self.baseline.get(ids)
@@ -353,7 +337,7 @@ class Trainer:
                 self.metrics.log(0, {**self.evaluate(), "train/forwards": self.forwards})
             while self.step_index < cfg.train.steps:
                 values = self.step()
-                _fault_injection(self.step_index, self.info.rank)
+                fault_injection.kill_rank(self.step_index, self.info.rank)
                 if cfg.train.eval_every and self.step_index % cfg.train.eval_every == 0:
                     values.update(self.evaluate())
                 if self.step_index % cfg.metrics.log_every == 0:

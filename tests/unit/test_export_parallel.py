@@ -9,6 +9,7 @@ of 8 (padded bytes); bf16, fp16 and fp32 weights holding -0.0 and NaN, whose bit
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 from pathlib import Path
 
@@ -137,6 +138,7 @@ def test_fp16_logits_refuse_overflow(world, tmp_path):
     save_file(tensors, shard, metadata={"format": "maskpro_ds.checkpoint"})
     manifest = json.loads((step / "manifest.json").read_text())
     manifest["shards"][0]["bytes"] = shard.stat().st_size
+    manifest["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()  # a valid, if odd, checkpoint
     (step / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj has logits beyond the fp16 range"):
         export_checkpoint(step, world["base"], tmp_path / "out", "logits", logits_dtype="fp16", workers=2, **OPTS)

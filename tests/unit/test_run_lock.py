@@ -131,12 +131,17 @@ def test_a_forked_helper_does_not_keep_the_lock(tmp_path):
     lock = RunLock(tmp_path)
     lock.acquire()
     read, write = os.pipe()
+    ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: stays alive until the parent has "died"
         os.close(write)
+        os.write(ready_write, b"r")  # the at-fork handlers have run by now
         os.read(read, 1)
         os._exit(0)
     os.close(read)
+    os.close(ready_write)
+    assert os.read(ready_read, 1) == b"r"  # wait until the child runs (its inherited copy is closed)
+    os.close(ready_read)
     try:
         os.close(lock._fd)  # the holder dies (its descriptor closes, as at process exit) ...
         lock._fd = None

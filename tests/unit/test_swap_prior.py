@@ -171,12 +171,12 @@ def test_lazy_loading_gives_the_same_masks_as_eager(tiny, tmp_path):
 def test_linears_are_grouped_by_the_tensor_they_read(tiny):
     handle = open_causal_lm(tiny[0], lazy=True)
     block = handle.materialize_block(0)
-    from maskpro_ds.priors.calibration import capture_block_inputs
+    from maskpro_ds.priors.block_inputs import record_block_inputs
 
-    states = capture_block_inputs(handle, _tokens(tiny), BATCH)
+    inputs = record_block_inputs(handle, _tokens(tiny), BATCH)
     linears = {f"model.layers.0.{s}": handle.model.get_submodule(f"model.layers.0.{s}")
                for g in LLAMA_GROUPS for s in g}
-    groups = input_groups(block, dict(reversed(linears.items())), states[0])  # dict order does not matter
+    groups = input_groups(block, dict(reversed(linears.items())), (inputs.hidden[0], inputs.calls[0][0]))  # dict order does not matter
     assert groups == [[f"model.layers.0.{s}" for s in g] for g in LLAMA_GROUPS]
 
 
