@@ -15,7 +15,7 @@ from pathlib import Path
 
 def main() -> None:
     from maskpro_ds.config import load_config
-    from maskpro_ds.train import distributed
+    from maskpro_ds import distributed
     from maskpro_ds.train.trainer import Trainer
 
     runs = json.loads(Path(sys.argv[1]).read_text())
@@ -31,6 +31,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from maskpro_ds.train import distributed
+    from maskpro_ds import distributed
 
     distributed.exit_process(0)
