@@ -145,7 +145,8 @@ def run_option(name: str, seed: int, args, assets, prior: Path, val: Path, out: 
     t0 = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     train(assets.model_dir, assets.calib_text, prior, run_dir,
-          DemoSizes(steps=steps, lr=lr, dtype=args.dtype, num_samples=args.samples, batch_size=BATCH, seqlen=SEQLEN),
+          DemoSizes(steps=steps, lr=lr, advantage_norm="none", dtype=args.dtype, num_samples=args.samples,
+                    batch_size=BATCH, seqlen=SEQLEN),
           extra=extra)
     curve, last_step, forwards = read_curve(run_dir)
     result = {"name": name, "seed": seed, "forwards": forwards, "val_ppl": curve, "steps": last_step,

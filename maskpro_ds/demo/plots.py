@@ -152,19 +152,28 @@ def ppl_bars(results: dict[str, float], path: str | Path, *, title: str = "perpl
         raise ValueError("ppl_bars: no results to plot")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(ppl_figure(results, title), path)
+
+
+def ppl_figure(results: dict[str, float], title: str = "perplexity (lower is better)"):
+    """The figure of :func:`ppl_bars` (not saved)."""
     names = list(results)
     values = [float(results[n]) for n in names]
     finite = [v for v in values if math.isfinite(v) and v > 0]
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
-    heights = [v if math.isfinite(v) and v > 0 else 0.0 for v in values]
-    bars = ax.bar(names, heights, color=[f"C{i}" for i in range(len(names))])
+    # Horizontal bars: long method names sit on the y axis, one per line, and never overlap.
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(names) + 1.5))
+    widths = [v if math.isfinite(v) and v > 0 else 0.0 for v in values]
+    bars = ax.barh(names, widths, color=[f"C{i}" for i in range(len(names))])
+    ax.invert_yaxis()  # the first row on top, as in the table
     if finite and max(finite) / min(finite) > 20:
-        ax.set_yscale("log")
+        ax.set_xscale("log")
     floor = min(finite) if finite else 0.0  # where an "n/a" label sits (0 is off a log axis)
     for bar, v in zip(bars, values, strict=True):
         ok = math.isfinite(v) and v > 0
-        ax.annotate(f"{v:.2f}" if ok else "n/a", (bar.get_x() + bar.get_width() / 2, v if ok else floor),
-                    ha="center", va="bottom", fontsize=9)
-    ax.set_ylabel("perplexity")
+        ax.annotate(f" {v:.2f}" if ok else " n/a", (v if ok else floor, bar.get_y() + bar.get_height() / 2),
+                    ha="left", va="center", fontsize=9)
+    ax.margins(x=0.15)
+    ax.set_xlabel("perplexity")
     ax.set_title(title)
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig

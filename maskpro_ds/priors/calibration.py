@@ -87,8 +87,12 @@ def run_blockwise(
     make_stat: Callable[[nn.Linear], object],
     prune: Callable[[str, nn.Linear, object], BlockResult],
     batch_size: int = 8,
+    on_block: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run the sequential block-by-block pass; returns name -> bool mask for every target."""
+    """Run the sequential block-by-block pass; returns name -> bool mask for every target.
+
+    ``on_block(index, {name: pruned weight})``, when given, receives each block's pruned weights as
+    soon as they are known (e.g. to stream SparseGPT's reconstructed weights to disk)."""
     masks: dict[str, torch.Tensor] = {}
     n_blocks = len(handle.layers)
     with torch.no_grad():
@@ -118,6 +122,8 @@ def run_blockwise(
                 masks[name] = result.mask.cpu()
                 originals[name] = lin.weight.data
                 lin.weight.data = result.pruned_weight.to(dtype=lin.weight.dtype, device=lin.weight.device)
+            if on_block is not None and linears:
+                on_block(index, {name: lin.weight.data for name, lin in linears.items()})
             if index + 1 < n_blocks:
                 states = [block_forward(block, hidden, call) for hidden, call in zip(states, calls, strict=True)]
             inputs.calls[index] = []  # this block's arguments are no longer needed

@@ -13,16 +13,23 @@ updated so far. Updates are applied lazily in column blocks of 128: inside a blo
 column, to the rest of the matrix once per block (E · U_{block, rest}).
 
 Only the mask is kept as the prior; MaskPro applies it to the original weights (docs/method.md §2). The
-updated weights are used for the sequential calibration of later blocks, as the reference does.
+updated weights are used for the sequential calibration of later blocks, as the reference does, and
+``--save-weights DIR`` also writes them (one safetensors file per decoder block, streamed, plus
+``weights.json``): the one-shot baseline "SparseGPT with its weight update" that users compare
+against, loaded with :func:`maskpro_ds.eval.masked_model.apply_weight_files`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from maskpro_ds.formats.atomic import atomic_directory
 from maskpro_ds.masks.nm import topn_mask
 from maskpro_ds.models.lazy import ModelHandle
 from maskpro_ds.priors.base import PriorInputs
@@ -99,8 +106,10 @@ def sparsegpt_masks(
     blocksize: int = 128,
     percdamp: float = 0.01,
     batch_size: int = 8,
+    save_weights: str | Path = "",
 ) -> dict[str, torch.Tensor]:
-    """name -> bool [out, in] SparseGPT N:M mask for every target, computed block by block."""
+    """name -> bool [out, in] SparseGPT N:M mask for every target, computed block by block; with
+    ``save_weights`` the reconstructed weights go to that directory too (written whole or not at all)."""
 
     def make_stat(lin: nn.Linear) -> Hessian:
         return Hessian(lin.in_features, lin.weight.device)
@@ -109,13 +118,34 @@ def sparsegpt_masks(
         mask, updated = sparsegpt_prune(lin.weight.data, stat.h, n, m, blocksize, percdamp, name=name)
         return BlockResult(mask=mask, pruned_weight=updated)
 
-    return run_blockwise(handle, tokens, targets, make_stat, prune, batch_size=batch_size)
+    if not save_weights:
+        return run_blockwise(handle, tokens, targets, make_stat, prune, batch_size=batch_size)
+    with atomic_directory(save_weights) as tmp:
+        files: dict[str, str] = {}
+
+        def write_block(index: int, weights: dict[str, torch.Tensor]) -> None:
+            name = f"block-{index:05d}.safetensors"
+            save_file({k: w.detach().contiguous().cpu() for k, w in weights.items()}, str(tmp / name),
+                      metadata={"format": WEIGHTS_FORMAT})
+            files.update({k: name for k in weights})
+
+        masks = run_blockwise(handle, tokens, targets, make_stat, prune, batch_size=batch_size, on_block=write_block)
+        (tmp / WEIGHTS_INDEX).write_text(json.dumps(
+            {"format": WEIGHTS_FORMAT, "method": "sparsegpt", "pattern": f"{n}:{m}", "weight_map": files}, indent=1) + "\n")
+    return masks
+
+
+WEIGHTS_FORMAT = "maskpro_ds.pruned_weights"
+WEIGHTS_INDEX = "weights.json"
 
 
 @dataclass
 class SparseGPTOptions:
     blocksize: int = field(default=128, metadata={"help": "SparseGPT column block size"})
     percdamp: float = field(default=0.01, metadata={"help": "SparseGPT dampening, fraction of mean diag(H)"})
+    save_weights: str = field(default="", metadata={
+        "help": "also write SparseGPT's reconstructed (pruned and updated) weights to this new directory, "
+                "one safetensors file per block: the one-shot baseline with weights changed"})
 
 
 class SparseGPTPrior:
@@ -125,5 +155,6 @@ class SparseGPTPrior:
 
     def masks(self, inputs: PriorInputs, options: SparseGPTOptions) -> tuple[dict[str, torch.Tensor], dict]:
         masks = sparsegpt_masks(inputs.handle, inputs.tokens, inputs.targets, inputs.n, inputs.m,
-                                blocksize=options.blocksize, percdamp=options.percdamp, batch_size=inputs.batch_size)
+                                blocksize=options.blocksize, percdamp=options.percdamp, batch_size=inputs.batch_size,
+                                save_weights=options.save_weights)
         return masks, {"sparsegpt": asdict(options)}

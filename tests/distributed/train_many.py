@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 def main() -> None:
-    from maskpro_ds.config import load_config
     from maskpro_ds import distributed
+    from maskpro_ds.config import load_config
     from maskpro_ds.train.trainer import Trainer
 
     runs = json.loads(Path(sys.argv[1]).read_text())
