@@ -162,3 +162,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0 if report.ok else 1
+
+
+if __name__ == "__main__":  # python -m maskpro_ds.cli.export (the demo runs it so); maskpro-inspect is inspect_main
+    sys.exit(main())
