@@ -30,6 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from maskpro_ds.formats.atomic import atomic_directory
+from maskpro_ds.formats.hashing import model_fingerprint
+from maskpro_ds.formats.mask_artifact import read_mask_artifact
 from maskpro_ds.masks.nm import topn_mask
 from maskpro_ds.models.lazy import ModelHandle
 from maskpro_ds.priors.base import PriorInputs
@@ -56,10 +58,13 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     name: str = "layer",
+    fixed_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` [rows, cols] to N:M with SparseGPT; returns (bool mask, updated weight).
 
-    The updated weight has zeros exactly where the mask is False and is in ``weight``'s dtype.
+    The updated weight has zeros exactly where the mask is False and is in ``weight``'s dtype. With
+    ``fixed_mask`` (bool [rows, cols], strict N:M) the mask is not chosen but given: the same OBS
+    update then reconstructs the kept weights for that mask (e.g. a learned one).
     """
     if blocksize % m != 0:
         raise ValueError(f"--blocksize {blocksize} must be a multiple of M={m} so no group straddles two blocks")
@@ -76,6 +81,8 @@ def sparsegpt_prune(
     u = _inverse_cholesky_upper(h, name)
 
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    if fixed_mask is not None and tuple(fixed_mask.shape) != (rows, cols):
+        raise ValueError(f"{name}: the given mask is {list(fixed_mask.shape)}, the weight {[rows, cols]}")
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
         w_blk = w[:, b0:b1].clone()
@@ -83,7 +90,9 @@ def sparsegpt_prune(
         u_diag = torch.diag(u_blk)
         err_blk = torch.zeros_like(w_blk)
         for i in range(b1 - b0):
-            if i % m == 0:
+            if i % m == 0 and fixed_mask is not None:
+                mask[:, b0 + i : b0 + i + m] = fixed_mask[:, b0 + i : b0 + i + m].to(w.device)
+            elif i % m == 0:
                 score = w_blk[:, i : i + m].square() / u_diag[i : i + m].square().unsqueeze(0)
                 mask[:, b0 + i : b0 + i + m] = topn_mask(score, n, m)
             col = w_blk[:, i]
@@ -107,6 +116,7 @@ def sparsegpt_masks(
     percdamp: float = 0.01,
     batch_size: int = 8,
     save_weights: str | Path = "",
+    fixed_masks: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """name -> bool [out, in] SparseGPT N:M mask for every target, computed block by block; with
     ``save_weights`` the reconstructed weights go to that directory too (written whole or not at all)."""
@@ -115,7 +125,12 @@ def sparsegpt_masks(
         return Hessian(lin.in_features, lin.weight.device)
 
     def prune(name: str, lin: nn.Linear, stat: Hessian) -> BlockResult:
-        mask, updated = sparsegpt_prune(lin.weight.data, stat.h, n, m, blocksize, percdamp, name=name)
+        fixed = None
+        if fixed_masks is not None:
+            if name not in fixed_masks:
+                raise ValueError(f"--fixed-mask: no mask for layer {name}; use an artifact made for the same targets")
+            fixed = fixed_masks[name]
+        mask, updated = sparsegpt_prune(lin.weight.data, stat.h, n, m, blocksize, percdamp, name=name, fixed_mask=fixed)
         return BlockResult(mask=mask, pruned_weight=updated)
 
     if not save_weights:
@@ -146,6 +161,25 @@ class SparseGPTOptions:
     save_weights: str = field(default="", metadata={
         "help": "also write SparseGPT's reconstructed (pruned and updated) weights to this new directory, "
                 "one safetensors file per block: the one-shot baseline with weights changed"})
+    fixed_mask: str = field(default="", metadata={
+        "help": "a mask artifact (e.g. an exported MaskPro mask) to use instead of choosing one: SparseGPT "
+                "then only reconstructs the kept weights for it (with --save-weights)"})
+
+
+def _fixed_masks(path: str, inputs: PriorInputs) -> dict[str, torch.Tensor] | None:
+    """The masks of ``--fixed-mask`` by layer, checked against the pattern and the targets."""
+    if not path:
+        return None
+    artifact = read_mask_artifact(path)
+    artifact.verify()
+    artifact.check_base(model_fingerprint(inputs.handle.model_dir))  # a mask made for this very model
+    if (artifact.n, artifact.m) != (inputs.n, inputs.m):
+        raise ValueError(f"--fixed-mask {path} is {artifact.n}:{artifact.m}, --pattern is {inputs.n}:{inputs.m}")
+    missing = sorted(set(inputs.targets) - set(artifact.shapes))
+    if missing:
+        raise ValueError(f"--fixed-mask {path} has no mask for {missing[0]} (and {len(missing) - 1} more targets); "
+                         "use an artifact made for the same model and targets")
+    return {name: artifact.layer_mask(name) for name in inputs.targets}
 
 
 class SparseGPTPrior:
@@ -156,5 +190,5 @@ class SparseGPTPrior:
     def masks(self, inputs: PriorInputs, options: SparseGPTOptions) -> tuple[dict[str, torch.Tensor], dict]:
         masks = sparsegpt_masks(inputs.handle, inputs.tokens, inputs.targets, inputs.n, inputs.m,
                                 blocksize=options.blocksize, percdamp=options.percdamp, batch_size=inputs.batch_size,
-                                save_weights=options.save_weights)
+                                save_weights=options.save_weights, fixed_masks=_fixed_masks(options.fixed_mask, inputs))
         return masks, {"sparsegpt": asdict(options)}
