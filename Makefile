@@ -7,7 +7,7 @@ PYTHON  := $(BIN)/python
 TORCH_PIN := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install demo test test-cluster test-slow test-all lint bench clean
+.PHONY: help install demo test test-cluster test-slow test-all lint bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -46,6 +46,9 @@ test-all: $(STAMP) lint  ## everything
 bench: $(STAMP)  ## the quick bench scripts (sampler, step_vs_forward, memory, export); figures go to bench/results/*.json
 	for f in sampler step_vs_forward memory export; do $(PYTHON) -m bench.$$f || exit 1; done
 	@echo "longer: $(PYTHON) -m bench.seventy_b_shaped (70B-shaped layer, ~10 GB RAM); $(PYTHON) -m bench.quality (~2.2 h)"
+
+gpu-check: $(STAMP)  ## on a CUDA machine, <10 min: kernel probe, CPU/GPU masks, ZeRO-3 NCCL run, 2:4 Linear speed; bench/results/gpu_check.json
+	$(BIN)/maskpro-gpu-check
 
 clean:  ## remove caches (keeps .venv)
 	rm -rf .pytest_cache build *.egg-info
