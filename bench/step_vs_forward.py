@@ -62,22 +62,6 @@ def launch(args) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def received_bytes(comms_logger, world: int) -> tuple[int, dict[str, int]]:
-    """Bytes this rank receives from other ranks, per op and in total.
-
-    DeepSpeed's logger records the size of each op's input tensor; what crosses the network per rank
-    depends on the op: an all-gather of an input of s bytes brings (R-1)s, an all-to-all of s bytes
-    (equal chunks) brings (R-1)s/R, a ring all-reduce 2(R-1)s/R, a broadcast s.
-    """
-    factors = {"all_gather": world - 1, "allgather": world - 1, "all_to_all": (world - 1) / world,
-               "all_reduce": 2 * (world - 1) / world, "reduce_scatter": (world - 1) / world, "broadcast": 1}
-    per_op: dict[str, int] = {}
-    for name, sizes in comms_logger.comms_dict.items():
-        factor = next((f for key, f in factors.items() if key in name), 1)
-        per_op[name] = int(sum(rec[0] * size * factor for size, rec in sizes.items()))
-    return sum(per_op.values()), per_op
-
-
 def worker(args) -> None:
     import deepspeed.comm as dist
     import torch
@@ -103,6 +87,7 @@ def worker(args) -> None:
     baseline_s = time.time() - t0
     plain_engine, _ = load_partitioned_model(cfg, trainer.ds_config)
     from maskpro_ds.data.schedule import batch_ids
+    from maskpro_ds.train.step_timing import received_bytes
 
     def plain_forward(step: int) -> None:
         ids = batch_ids(cfg.train.seed, step, trainer.info.rank, trainer.info.world_size, args.batch,
