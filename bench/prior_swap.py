@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -62,7 +63,7 @@ def make(name: str, args: list[str], work: Path, common: list[str], threads: int
     if ranks == 1:
         cmd = [sys.executable, TOOL]
     else:
-        from maskpro_ds.local_launch import free_port
+        from maskpro_ds.train.local_launch import free_port
 
         cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks), "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), TOOL]
@@ -101,24 +102,66 @@ def seventy_b_sweep(rows: int, sweeps: int) -> dict:
             "macs_per_sweep_layer": 1.5 * out_f * in_f * in_f}
 
 
-def maskpro_figure(args, assets, swap_prior: Path, work: Path) -> Path | None:
-    """The mask of MaskPro trained from the swap prior: from --maskpro-run, or trained with --maskpro-steps."""
+def maskpro_figures(args, assets, swap_prior: Path, work: Path) -> dict[str, Path]:
+    """Masks of MaskPro trained from the swap prior, one per seed: from --maskpro-run, or trained here.
+
+    With --maskpro-steps every seed in --maskpro-seeds is an uninterrupted run of its own (a finished
+    one is reused, an interrupted one resumes: delete its directory for a clean figure)."""
     from maskpro_ds.demo.run import DemoSizes, export, train
 
-    run_dir = Path(args.maskpro_run) if args.maskpro_run else None
-    if run_dir is None and args.maskpro_steps:
-        run_dir = work / "maskpro_from_swap"
-        train(assets.model_dir, assets.calib_text, swap_prior, run_dir,
-              DemoSizes(steps=args.maskpro_steps, lr=args.maskpro_lr, num_samples=512),
-              extra=["--train.advantage_norm=rms"], port=29640)
-    if run_dir is None:
+    runs = {}
+    if args.maskpro_run:
+        runs["maskpro_from_swap_run"] = Path(args.maskpro_run)
+    elif args.maskpro_steps:
+        for seed in [int(s) for s in args.maskpro_seeds.split(",")]:
+            run_dir = work / f"maskpro_from_swap_seed{seed}"
+            train(assets.model_dir, assets.calib_text, swap_prior, run_dir,
+                  DemoSizes(steps=args.maskpro_steps, lr=args.maskpro_lr, num_samples=512),
+                  extra=[f"--train.seed={seed}"], port=29640 + seed)
+            runs[f"maskpro_from_swap_seed{seed}"] = run_dir
+    masks = {}
+    for name, run_dir in runs.items():
+        best = run_dir / "checkpoints" / "best"
+        if not (best.is_file() or (run_dir / "checkpoints" / "latest").is_file()):
+            raise SystemExit(f"{run_dir}: no checkpoints/best or checkpoints/latest; is the run finished?")
+        export(best if best.is_file() else run_dir / "checkpoints" / "latest", assets.model_dir,
+               work / f"export_{name}", formats="mask")
+        masks[name] = work / f"export_{name}" / "mask"
+    return masks
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
         return None
-    best = run_dir / "checkpoints" / "best"
-    if not (best.is_file() or (run_dir / "checkpoints" / "latest").is_file()):
-        raise SystemExit(f"--maskpro-run {run_dir}: no checkpoints/best or checkpoints/latest; is the run finished?")
-    export(best if best.is_file() else run_dir / "checkpoints" / "latest", assets.model_dir,
-           work / "export_maskpro_from_swap", formats="mask")
-    return work / "export_maskpro_from_swap" / "mask"
+
+
+def _run_metrics(work: Path, name: str) -> list[dict]:
+    path = work / name / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _forwards(work: Path, runs: dict) -> dict:
+    """Forward passes per rank of each trained run (train/forwards of its last logged step)."""
+    out = {}
+    for name in runs:
+        counts = [m["train/forwards"] for m in _run_metrics(work, name) if "train/forwards" in m]
+        out[name] = counts[-1] if counts else None
+    return out
+
+
+def _uninterrupted(work: Path, runs: dict) -> bool | None:
+    """True when no trained run was resumed: the launch log (rewritten by every launch) never resumed."""
+    if not runs:
+        return None
+    logs = [work / f"{name}.log" for name in runs]
+    if not all(log.is_file() for log in logs):
+        return None  # a run trained elsewhere (--maskpro-run): not known here
+    return all("resumed from" not in log.read_text() for log in logs)
 
 
 def main(argv=None) -> int:
@@ -140,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--maskpro-run", help="a finished MaskPro run directory trained from the swap prior")
     p.add_argument("--maskpro-steps", type=int, default=0, help="train MaskPro from swap here for this many steps")
     p.add_argument("--maskpro-lr", type=float, default=1.5)
+    p.add_argument("--maskpro-seeds", default="0,1", help="comma-separated seeds of the --maskpro-steps runs")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "prior_swap.json"))
     args = p.parse_args(argv)
     from maskpro_ds.demo.assets import prepare_demo
@@ -172,9 +216,7 @@ def main(argv=None) -> int:
                            == (work / "swap_2_ranks" / "masks.safetensors").read_bytes()) if same_threads else None
     print("[3/4] held-out perplexity", flush=True)
     variants = {"dense": None, **{name: work / name for name in plan}}
-    maskpro = maskpro_figure(args, assets, work / "swap", work)
-    if maskpro is not None:
-        variants["maskpro_from_swap"] = maskpro
+    variants.update(maskpro_figures(args, assets, work / "swap", work))
     sizes = DemoSizes()
     results = {}
     for name, mask in variants.items():  # cached per variant: a rerun only evaluates what changed
@@ -192,8 +234,10 @@ def main(argv=None) -> int:
     if not args.skip_70b:
         print(f"[4/4] search speed on {args.rows_70b} rows of a 70B-shaped down_proj", flush=True)
         seventy = seventy_b_sweep(args.rows_70b, sweeps=2)
-    ppl = {name: res["ppl"] for name, res in results.items()}
-    ppl.setdefault("maskpro_from_swap", None)
+    ppl = {name: res["ppl"] for name, res in results.items() if not name.startswith("maskpro_from_swap")}
+    maskpro_ppl = {name: res["ppl"] for name, res in results.items() if name.startswith("maskpro_from_swap")}
+    # The headline is the median over seeds (one run: its own figure).
+    ppl["maskpro_from_swap"] = statistics.median(maskpro_ppl.values()) if maskpro_ppl else None
     meta = {name: json.loads((work / name / "mask_manifest.json").read_text()).get("swap")
             for name in plan if name.startswith("swap")}
     summary = {
@@ -206,6 +250,12 @@ def main(argv=None) -> int:
         "ranks_identical": ranks_identical,
         "seconds_per_sweep_70b_layer": seventy["seconds_per_sweep_layer"] if seventy else None,
         "seventy_b_layer": seventy,
+        "maskpro_from_swap": {"per_run": maskpro_ppl, "steps": args.maskpro_steps or None,
+                              "forwards_per_rank": _forwards(work, maskpro_ppl),
+                              "median_vs_swap": (round(ppl["maskpro_from_swap"] / ppl["swap"] - 1, 4)
+                                                 if maskpro_ppl else None),
+                              "lr": args.maskpro_lr, "advantage_norm": "rms", "uninterrupted": _uninterrupted(work, maskpro_ppl)},
+        "commit": _commit(),
         "swap_vs_sparsegpt": round(ppl["swap"] / ppl["sparsegpt"], 4),
         "swap_vs_sparsegpt_32x128": round(ppl["swap"] / ppl["sparsegpt_32x128"], 4),
         "default_variant": args.variant,
