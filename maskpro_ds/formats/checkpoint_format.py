@@ -262,17 +262,25 @@ def write_shard(step_dir: Path, rank: int, world_size: int, slices: dict[str, to
                 group_ranges: dict[str, tuple[int, int]], step: int) -> ShardEntry:
     """Write one rank's logit slices (``name -> [g1 - g0, M]``) into ``step_dir``; returns its entry.
 
-    The sha256 is taken by reading the file back once (from the page cache, right after the write):
-    it costs one pass over the shard, and never a second copy of it in memory.
+    The tensors are written one at a time (a strided view, e.g. the logit store's ``[g, M]`` view of
+    its column storage, is made contiguous one layer at a time, never the whole shard at once), and
+    the file is fsynced. The sha256 is taken by reading the file back once (from the page cache,
+    right after the write): it costs one pass over the shard, and never a second copy of it in memory.
     """
-    from safetensors.torch import save_file
+    from maskpro_ds.formats.dtypes import TORCH_TO_ST
+    from maskpro_ds.formats.safetensors_io import PlannedTensor, ShardedWriter, tensor_bytes
 
     file = shard_file_name(rank, world_size)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in slices.items()}
-    save_file(tensors, str(step_dir / file), metadata={"format": CHECKPOINT_FORMAT, "rank": str(rank),
-                                                     "world_size": str(world_size), "step": str(step)})
-    with open(step_dir / file, "rb") as f:
-        os.fsync(f.fileno())
+    planned = [PlannedTensor(name, TORCH_TO_ST[t.dtype], tuple(t.shape)) for name, t in slices.items()]
+    writer = ShardedWriter(step_dir, {file: planned}, {"format": CHECKPOINT_FORMAT, "rank": str(rank),
+                                                       "world_size": str(world_size), "step": str(step)})
+    try:
+        for name, t in slices.items():
+            writer.write(name, 0, tensor_bytes(t.detach().cpu()))
+        writer.close()  # checks every byte was written, then fsyncs
+    except BaseException:
+        writer.abort()
+        raise
     return ShardEntry(rank=rank, file=file, bytes=(step_dir / file).stat().st_size, group_ranges=dict(group_ranges),
                       sha256=sha256_file(step_dir / file))
 

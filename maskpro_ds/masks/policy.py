@@ -170,7 +170,7 @@ def top2_code_t(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def update_final_block(xt: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor):
-    """The store's update of a transposed chunk ``[M, g]``, N = 2: (new logits ``[g, M]``, top-2 codes ``[g]``).
+    """The store's update of a transposed chunk ``[M, g]``, N = 2: (new logits ``[M, g]``, top-2 codes ``[g]``).
 
     new = xt + :func:`update_block` (the fp32 operations of :func:`apply_update_`), and the
     final-mask code of ``new`` for monitoring. Pure elementwise code:
@@ -178,7 +178,7 @@ def update_final_block(xt: torch.Tensor, codes: torch.Tensor, weights: torch.Ten
     """
     delta = update_block(xt, codes, weights)
     new_rows = [xt[j] + delta[j] for j in range(xt.shape[0])]
-    return torch.stack(new_rows, dim=1), top2_code_t(new_rows).to(codes.dtype)
+    return torch.stack(new_rows), top2_code_t(new_rows).to(codes.dtype)
 
 
 def top2_codes(logits: torch.Tensor) -> torch.Tensor:
@@ -291,7 +291,7 @@ def apply_update_codes_(logits: torch.Tensor, codes: torch.Tensor, advantages: l
         stop = min(start + step, g_total)
         xt = logits[start:stop].t()
         new, final[start:stop] = kernel(xt.contiguous() if transpose else xt, codes[:, start:stop].contiguous(), w)
-        logits[start:stop] = new
+        logits[start:stop] = new.t()  # a row copy when logits are a view of [M, G] storage (LogitStore)
     if check:
         check_finite(logits, 0, "update")
     return final

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from maskpro_ds.masks.nm import nm_violations, pack_bits, topn_mask
 from maskpro_ds.masks.sampling import codes_to_masks, pair_code_block, sample_codes
 from maskpro_ds.train.logit_store import select_kernels
-from maskpro_ds.train.zero_model import _where_packed
+from maskpro_ds.train.zero_model import masked_weight
 
 SAMPLING_GROUPS = 300_007  # not a multiple of any chunk size: the ragged last chunk is exercised
 SAMPLING_KEYS = (0x0123456789ABCDEF, 0xFEDCBA9876543210, 7, 1 << 63)
@@ -83,8 +83,8 @@ def _skipped(reason: str, **extra) -> dict:
 
 
 def kernel_probe(device: torch.device, slots: int = 2) -> dict:
-    """The compiled kernels against the plain ones on ``device``, bit for bit (the store's own probe,
-    and the packed masked-weight select on a bf16 weight holding -0.0 and NaN)."""
+    """The compiled kernels against the plain ones on ``device``, bit for bit (the store's own probe),
+    and the packed masked-weight select against ``torch.where`` on a bf16 weight holding -0.0 and NaN."""
     t0 = time.perf_counter()
     try:
         _, _, name = select_kernels("auto", device, slots)  # compiles, then probes against plain torch
@@ -92,8 +92,8 @@ def kernel_probe(device: torch.device, slots: int = 2) -> dict:
         weight[0, :4] = torch.tensor([-0.0, 0.0, float("nan"), -1.0])
         mask = topn_mask(torch.randn(257, 96, device=device), 2, 4)
         plain = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=device))
-        compiled = torch.compile(_where_packed, dynamic=True)(pack_bits(mask.reshape(-1)), weight)
-        where_same = torch.equal(plain.view(torch.int16), compiled.view(torch.int16))
+        selected = masked_weight(weight, pack_bits(mask.reshape(-1)).to(device))
+        where_same = torch.equal(plain.view(torch.int16), selected.view(torch.int16))
     except Exception as exc:  # noqa: BLE001 - a compiler failure is this check's finding
         return {"status": "fail", "reason": f"{type(exc).__name__}: {exc}", "device": device.type}
     ok = name == "compiled" and where_same

@@ -1,8 +1,8 @@
 """The sharded logit store: who owns which groups, init from the prior, masks for every rank, update.
 
 Every masked layer's ``G = out·in/M`` groups are cut into R contiguous, byte-aligned ranges
-(checkpoint_format.split_groups); rank r owns range r of EVERY layer, as an fp32 ``[g, M]`` tensor.
-Only the owner reads or writes its logits.
+(checkpoint_format.split_groups); rank r owns range r of EVERY layer, as fp32 logits ``[g, M]`` (stored position-major, ``[M, g]``:
+see :class:`ColumnLogits`). Only the owner reads or writes its logits.
 
 Masks reach the ranks as bits. In the forward of layer l at step t, the owner draws, on its slice,
 the mask of every rank r (counter-based sampler keyed by (seed, t, slot, l) at the groups' global
@@ -135,6 +135,31 @@ def select_kernels(mode: str, device: torch.device | str = "cpu", slots: int | t
     return chosen
 
 
+class ColumnLogits:
+    """Every layer's logit slice as a ``[g, M]`` view of ``[M, g]`` storage (position-major).
+
+    The N = 2 kernels take a chunk as M rows of g logits; with row-major ``[g, M]`` storage every
+    chunk needed a transposing copy on the way in and again on the way out, about half the time of
+    sampling and update on CPU. Stored position-major, a chunk is M contiguous runs (a plain copy).
+    Callers index ``[g, M]`` as before; assigning a ``[g, M]`` tensor stores its transpose.
+    """
+
+    def __init__(self, columns: list[torch.Tensor]):
+        self.columns = columns
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.columns[layer].t()
+
+    def __setitem__(self, layer: int, rows: torch.Tensor) -> None:
+        self.columns[layer] = rows.t().contiguous()
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (c.t() for c in self.columns)
+
+
 class LogitStore:
     """This rank's logit slices of every masked layer, and the mask exchange built on them."""
 
@@ -151,9 +176,9 @@ class LogitStore:
         # Range boundaries on whole bytes of packed bits: a slice of g groups is g·M bits.
         self.align = 8 // math.gcd(8, m)
         self.ranges = [split_groups(out_f * in_f // m, world_size, self.align) for out_f, in_f in self.shapes]
-        self.logits: list[torch.Tensor] = [
-            torch.zeros((r[rank][1] - r[rank][0], m), dtype=torch.float32, device=self.device) for r in self.ranges
-        ]
+        self.logits = ColumnLogits([
+            torch.zeros((m, r[rank][1] - r[rank][0]), dtype=torch.float32, device=self.device) for r in self.ranges
+        ])
         self.prior_bits: list[torch.Tensor | None] = [None] * len(names)
         self._active: MaskMode | None = None  # the mode of the forward running now (see drawing())
         if kernels not in KERNEL_MODES:

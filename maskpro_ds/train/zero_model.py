@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from maskpro_ds.config import Config
 from maskpro_ds.formats.dtypes import TORCH_DTYPES
-from maskpro_ds.masks import nm
 from maskpro_ds.models.hf_dir import check_model_dir, has_weights
 from maskpro_ds.models.targets import Target
 
@@ -88,37 +87,41 @@ def load_partitioned_model(cfg: Config, ds_config: dict) -> tuple[object, torch.
     return engine, model
 
 
-def _where_packed(packed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``where(bit i of packed, W.flat[i], +0.0)`` without a bool mask in memory (compiled below)."""
-    i = torch.arange(weight.numel(), device=weight.device)
-    bits = (packed[i >> 3].to(torch.int32) >> (i & 7).to(torch.int32)) & 1
-    return torch.where(bits.view(weight.shape).to(torch.bool), weight, 0.0)
+# Raw-bit integer dtype of a weight by element size: the select below works on bits, not values.
+_RAW_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_select_tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
-_compiled_where: dict[str, object] = {}  # device type -> compiled _where_packed, or None after a failure
+def _select_table(raw_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[256, 8]`` of ``raw_dtype``: row b holds all ones (-1) at column j where bit j of b is set, else 0.
+
+    Indexing it with packed mask bytes (nm.pack_bits order: bit j of byte k is weight 8k + j) gives
+    one AND-mask element per weight, in the weight's own raw-bit dtype."""
+    key = (raw_dtype, device)
+    if key not in _select_tables:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _select_tables[key] = (-bits).to(raw_dtype).to(device)
+    return _select_tables[key]
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``where(mask, W, +0.0)`` for a bool ``[out, in]`` mask or its nm.pack_bits bytes.
 
-    Packed bits go through one compiled loop (bit lookup and select fused; a selection, so the
-    result is exactly the plain one); if torch.compile is unavailable, unpack then torch.where.
+    Packed bits: a 256-row table lookup turns each mask byte into eight all-ones-or-zero words of
+    the weight's width, and a bitwise AND with the weight's raw bits keeps every kept value bit for
+    bit (-0.0 and NaN included) and clears the pruned ones to +0.0: exactly the ``where``, in two
+    vectorised passes with no float operation and no compile step (6x faster on CPU than a compiled
+    bit-extract-and-select loop, which does not vectorise its byte gather).
     """
-    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     if mask.dtype == torch.bool:
-        return torch.where(mask, weight, zero)
-    kind = weight.device.type
-    if kind not in _compiled_where:
-        _compiled_where[kind] = torch.compile(_where_packed, dynamic=True)
-    kernel = _compiled_where[kind]
-    if kernel is not None:
-        try:
-            return kernel(mask, weight)
-        except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure: use the plain path
-            logger.warning("compiled masked weight failed (%s: %s); using unpack + torch.where", type(exc).__name__, exc)
-            _compiled_where[kind] = None
-    bits = nm.unpack_bits(mask, weight.numel()).view(weight.shape)
-    return torch.where(bits, weight, zero)
+        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    numel = weight.numel()
+    if mask.numel() != (numel + 7) // 8:
+        raise ValueError(f"masked_weight: {mask.numel()} mask bytes for a weight of {numel} elements")
+    raw_dtype = _RAW_BITS[weight.element_size()]
+    keep = _select_table(raw_dtype, weight.device).index_select(0, mask.to(torch.int32)).reshape(-1)[:numel]
+    raw = weight.contiguous().reshape(-1).view(raw_dtype)
+    return torch.bitwise_and(raw, keep).view(weight.dtype).view(weight.shape)
 
 
 class MaskedLinearForward:

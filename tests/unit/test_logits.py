@@ -197,6 +197,12 @@ def test_masked_weight_from_packed_bits_equals_where():
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))
         assert torch.equal(masked_weight(w, mask).view(torch.int32), want.view(torch.int32))
         assert got[~mask].view(torch.int32).eq(0).all()  # +0.0 exactly where pruned
+        for dtype, raw in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16), (torch.float64, torch.int64)):
+            wd = w.to(dtype)
+            want_d = torch.where(mask, wd, torch.zeros((), dtype=dtype))
+            assert torch.equal(masked_weight(wd, nm.pack_bits(mask.reshape(-1))).view(raw), want_d.view(raw))
+    with pytest.raises(ValueError, match="mask bytes"):
+        masked_weight(torch.zeros(4, 8), torch.zeros(3, dtype=torch.uint8))
 
 
 def test_prior_and_final_send_buffers():
