@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from bench.quality import split_heldout
+from maskpro_ds.compute_dtype import resolve_dtype
 from maskpro_ds.demo.assets import prepare_demo
 from maskpro_ds.demo.run import DemoSizes, train
 from maskpro_ds.train.forward import num_rounds
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows for the prior")
     p.add_argument("--eval-forwards", type=int, default=50, help="forwards per rank between evaluations")
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto (default: bf16 where the CPU runs it natively)")
     p.add_argument("--cache", default=str(REPO / ".cache" / "demo"), help="the demo asset cache")
     p.add_argument("--out", default=str(REPO / "runs" / "estimators"))
     p.add_argument("--results", default="", help="results JSON (default: bench/results/estimators.json for "
@@ -233,6 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--allow-resume", action="store_true", help="continue interrupted runs (marked uninterrupted=false)")
     p.add_argument("--list", action="store_true", help="list the options and exit")
     args = p.parse_args(argv)
+    args.dtype = resolve_dtype(args.dtype)
     if args.list:
         for name, (what, lr, overrides) in OPTIONS.items():
             print(f"{name:<20} lr {lr:<6g} {what}\n{'':<20} {' '.join(overrides) or '(defaults)'}")

@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--variant", default="dense", choices=tuple(VARIANTS),
                    help="the default calibration variant (key 'swap'); the others are measured beside it")
-    p.add_argument("--swap-dtype", default="bf16", help="--dtype of the swap runs (their forward; the search is fp32)")
+    p.add_argument("--swap-dtype", default="auto",
+                   help="--dtype of the swap runs (their forward; the search is fp32); auto: bf16 where native")
     p.add_argument("--threads", type=int, default=1, help="threads of each one-process prior run")
     p.add_argument("--eval-threads", type=int, default=1, help="threads of the perplexity evaluation")
     p.add_argument("--rows-70b", type=int, default=512, help="rows of the 70B-shaped down_proj timed")
@@ -186,6 +187,9 @@ def main(argv=None) -> int:
     p.add_argument("--maskpro-seeds", default="0,1", help="comma-separated seeds of the --maskpro-steps runs")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "prior_swap.json"))
     args = p.parse_args(argv)
+    from maskpro_ds.compute_dtype import resolve_dtype
+
+    args.swap_dtype = resolve_dtype(args.swap_dtype, option="--swap-dtype")
     from maskpro_ds.demo.assets import prepare_demo
     from maskpro_ds.demo.run import DemoSizes, evaluate
 

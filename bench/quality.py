@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from maskpro_ds.compute_dtype import resolve_dtype
 from maskpro_ds.demo.assets import prepare_demo, split_articles
 from maskpro_ds.demo.run import DemoSizes, evaluate, export, make_priors, train
 
@@ -53,14 +54,16 @@ def main(argv=None) -> int:
     p.add_argument("--advantage-norm", default="rms")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-tokens", type=int, default=40960)
-    p.add_argument("--eval-dtype", default="bf16")
-    p.add_argument("--train-dtype", default="bf16")
+    p.add_argument("--eval-dtype", default="auto", help="fp32 | bf16 | auto (bf16 where the CPU runs it natively)")
+    p.add_argument("--train-dtype", default="auto", help="fp32 | bf16 | auto")
     p.add_argument("--threads", type=int, default=2, help="threads for the evaluation")
     p.add_argument("--only", choices=["wanda", "sparsegpt"], help="train only from this prior")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-train", action="store_true", help="evaluate what exists (e.g. while a run continues)")
     p.add_argument("--variants", default="", help="comma list of variants to evaluate now (default: all)")
     args = p.parse_args(argv)
+    args.eval_dtype = resolve_dtype(args.eval_dtype, option="--eval-dtype")
+    args.train_dtype = resolve_dtype(args.train_dtype, option="--train-dtype")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     assets = prepare_demo(REPO / ".cache" / "demo")

@@ -38,12 +38,16 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32, help="sequences per rank (the paper: 32)")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per sequence (the paper: 128)")
     p.add_argument("--repeats", type=int, default=4, help="timed forward/step pairs")
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto (default: bf16 where the CPU runs it natively)")
     p.add_argument("--model", default=str(REPO / ".cache" / "demo" / "smollm2-135m-instruct"))
     p.add_argument("--data", default=str(REPO / ".cache" / "demo" / "wiki" / "calib.txt"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default="", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from maskpro_ds.compute_dtype import resolve_dtype
+
+    args.dtype = resolve_dtype(args.dtype)
+    return args
 
 
 def launch(args) -> int:

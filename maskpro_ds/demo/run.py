@@ -26,9 +26,10 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from maskpro_ds.compute_dtype import fast_dtype
 from maskpro_ds.demo.progress import wait_with_progress
 from maskpro_ds.formats.checkpoint_format import resolve_checkpoint
 from maskpro_ds.train.local_launch import child_env, free_port
@@ -51,7 +52,9 @@ class DemoSizes:
     calib_samples: int = 128     # priors: 128 x 128 calibration tokens, the same for every prior
     eval_seqlen: int = 512
     eval_tokens: int = 16384
-    dtype: str = "bf16"          # CPU bf16 matmuls are ~4x faster than fp32 here
+    # bf16 where this machine runs it natively (GPU, AVX-512 BF16, AMX), fp32 elsewhere: bf16 emulated
+    # on an AVX2-only CPU is ~9x slower than fp32 (maskpro_ds/compute_dtype.py).
+    dtype: str = field(default_factory=fast_dtype)
 
 
 def _run(cmd: list[str], log: Path, progress: tuple[Path, int] | None = None) -> None:

@@ -14,7 +14,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import struct
 import subprocess
 import time
@@ -76,6 +75,24 @@ def flip_data_byte(file: Path, offset: int = 5) -> None:
     file.write_bytes(bytes(raw))
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it. torchrun starts each rank in a session of its own,
+    so killing the launcher's process group would leave the ranks training on as orphans."""
+    import psutil
+
+    try:
+        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -106,8 +123,7 @@ def test_a_second_training_on_the_same_run_dir_exits_2_touching_nothing(setup):
         assert steps == list(range(1, len(steps) + 1))  # one writer: no step twice
         assert first.poll() is None  # the first run was not disturbed
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        kill_tree(first)
         log.close()
 
 
