@@ -119,6 +119,7 @@ def main() -> None:
         step = write_synthetic_checkpoint(tmp / "run", shapes, 2, 4, 2, {"path": str(base), "fingerprint": None})
         weight_files = sorted(base.glob("*.safetensors"))
         step_files = sorted(step.glob("*.safetensors"))
+        logit_gb = sum(f.stat().st_size for f in step_files) / 1e9  # before the temp dir goes
         largest = max(s[0] * s[1] * 2 for s in shapes.values())
         read_all(weight_files + sorted(step.glob("*.safetensors")))  # warm the page cache for all
         base_bytes, read_s = read_all(weight_files)
@@ -137,7 +138,6 @@ def main() -> None:
     one = runs[1][0]
     read_gbps, fp_gbps = gb / read_s, gb / fp_s
     speedup = rate[2] / rate[1]
-    logit_gb = sum(f.stat().st_size for f in step_files) / 1e9
     check_s = statistics.median(r["check_seconds"] for rs in runs.values() for r in rs)
     check_gbps = logit_gb / check_s  # sha256 of the checkpoint shards, one thread per shard file
     end_to_end = {w: gb / (s + check_s) for w, s in seconds.items()}
@@ -177,6 +177,8 @@ def main() -> None:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "page_cache": "warm (every input read once before the measurements)",
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,7 @@ def worker(args) -> None:
     import torch
     from deepspeed.comm.comm import comms_logger
 
+    from maskpro_ds.compute_dtype import cpu_has_native_bf16
     from maskpro_ds.config import load_config
     from maskpro_ds.train.trainer import Trainer
     from maskpro_ds.train.zero_model import causal_lm_loss, load_partitioned_model
@@ -135,6 +136,9 @@ def worker(args) -> None:
             "baseline_pass_s": round(baseline_s, 2), "baseline_samples": len(trainer.samples.ids),
             "init_s": round(init_s, 2), "threads_per_rank": torch.get_num_threads(),
             "masked_weights": sum(s[0] * s[1] for s in trainer.store.shapes),
+            "cpu_native_bf16": cpu_has_native_bf16(),
+            "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                     text=True).stdout.strip() or None,
         }
         print(json.dumps(result, indent=1))
         print(f"\nstep / forward = {result['step_over_forward']:.3f}   bytes / forward = {result['bytes_over_forward']:.4f}")
