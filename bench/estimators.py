@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 from bench.quality import split_heldout
-from maskpro_ds.compute_dtype import resolve_dtype
 from maskpro_ds.demo.assets import prepare_demo
 from maskpro_ds.demo.run import DemoSizes, train
+from maskpro_ds.formats.compute_dtype import resolve_dtype
 from maskpro_ds.train.forward import num_rounds
 
 REPO = Path(__file__).resolve().parents[1]

@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--maskpro-seeds", default="0,1", help="comma-separated seeds of the --maskpro-steps runs")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "prior_swap.json"))
     args = p.parse_args(argv)
-    from maskpro_ds.compute_dtype import resolve_dtype
+    from maskpro_ds.formats.compute_dtype import resolve_dtype
 
     args.swap_dtype = resolve_dtype(args.swap_dtype, option="--swap-dtype")
     from maskpro_ds.demo.assets import prepare_demo

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from maskpro_ds.compute_dtype import resolve_dtype
 from maskpro_ds.demo.assets import prepare_demo, split_articles
 from maskpro_ds.demo.run import DemoSizes, evaluate, export, make_priors, train
+from maskpro_ds.formats.compute_dtype import resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from maskpro_ds.compute_dtype import resolve_dtype
+    from maskpro_ds.formats.compute_dtype import resolve_dtype
 
     args.dtype = resolve_dtype(args.dtype)
     return args
@@ -71,8 +71,8 @@ def worker(args) -> None:
     import torch
     from deepspeed.comm.comm import comms_logger
 
-    from maskpro_ds.compute_dtype import cpu_has_native_bf16
     from maskpro_ds.config import load_config
+    from maskpro_ds.formats.compute_dtype import cpu_has_native_bf16
     from maskpro_ds.train.trainer import Trainer
     from maskpro_ds.train.zero_model import causal_lm_loss, load_partitioned_model
 

@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maskpro_ds.compute_dtype import fast_dtype
 from maskpro_ds.demo.progress import wait_with_progress
 from maskpro_ds.formats.checkpoint_format import resolve_checkpoint
+from maskpro_ds.formats.compute_dtype import fast_dtype
 from maskpro_ds.train.local_launch import child_env, free_port
 
 # What configs/demo_smollm2.yaml sets beyond the defaults and the sizes below (the demo passes
@@ -53,7 +53,7 @@ class DemoSizes:
     eval_seqlen: int = 512
     eval_tokens: int = 16384
     # bf16 where this machine runs it natively (GPU, AVX-512 BF16, AMX), fp32 elsewhere: bf16 emulated
-    # on an AVX2-only CPU is ~9x slower than fp32 (maskpro_ds/compute_dtype.py).
+    # on an AVX2-only CPU is ~9x slower than fp32 (maskpro_ds/formats/compute_dtype.py).
     dtype: str = field(default_factory=fast_dtype)
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from maskpro_ds.compute_dtype import cpu_has_native_bf16, fast_dtype, resolve_dtype
 from maskpro_ds.demo.run import DemoSizes
+from maskpro_ds.formats.compute_dtype import cpu_has_native_bf16, fast_dtype, resolve_dtype
 
 
 def test_auto_follows_the_cpu_flags():

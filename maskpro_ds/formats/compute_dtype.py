@@ -1,4 +1,5 @@
-"""Which compute dtype is fast on this machine: what ``auto`` means for the demo and the benches.
+"""Which compute dtype is fast on this machine: what ``auto`` means for the demo and the benches
+(beside dtypes.py, the dtype table it resolves into).
 
 On a GPU, bf16. On a CPU it depends on the instruction set: with AVX-512 BF16 or AMX (Intel Cooper
 Lake / Sapphire Rapids and later, AMD Zen 4 and later) oneDNN runs bf16 matmuls natively, about
