@@ -31,7 +31,7 @@ demo: $(STAMP)  ## the main job end to end: SmolLM2 + Wikipedia offline, priors,
 lint: $(STAMP)  ## ruff over the package, launchers, tools, bench and tests
 	$(BIN)/ruff check maskpro_ds launchers tools bench tests
 
-test: $(STAMP) lint  ## unit + distributed tests (not slow), ~22 min on 2 cores
+test: $(STAMP) lint  ## unit + distributed tests (not slow), ~12 min on 2 cores
 	$(BIN)/pytest -m "not slow" -q
 
 test-cluster: $(STAMP)  ## only tests/cluster: real sshd/pdsh and SLURM launches (root + Debian packages), preemption
