@@ -29,11 +29,11 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.provenance import git_commit
 from bench.quality import split_heldout
 from maskpro_ds.demo.assets import prepare_demo
 from maskpro_ds.demo.run import DemoSizes, train
@@ -208,11 +208,6 @@ def best_of_screen(results: Path, count: int) -> list[str]:
     return [name for _, name in ranked[:count]]
 
 
-def git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return proc.stdout.strip() or "unknown"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
@@ -268,7 +263,7 @@ def main(argv=None) -> int:
         "options": entries, "summary": summarise(entries), "prior": args.prior, "model": "SmolLM2-135M-Instruct",
         "pattern": "2:4", "ranks": RANKS, "batch_per_rank": BATCH, "seqlen": SEQLEN, "samples": args.samples,
         "train_dtype": args.dtype, "eval_tokens": args.eval_tokens, "eval_forwards": args.eval_forwards,
-        "baseline_forwards": num_rounds(args.samples, RANKS, BATCH), "git_commit": git_commit(), "plot": png.name,
+        "baseline_forwards": num_rounds(args.samples, RANKS, BATCH), "git_commit": git_commit() or "unknown", "plot": png.name,
         "command": "python -m bench.estimators " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/export.json")
     args = parser.parse_args()
 
+    from bench.provenance import git_commit
     from maskpro_ds.formats.hashing import model_fingerprint
     from tests.synthetic import write_random_base, write_synthetic_checkpoint
 
@@ -177,8 +178,7 @@ def main() -> None:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "page_cache": "warm (every input read once before the measurements)",
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None,
+        "commit": git_commit(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 TOOL = str(REPO / "tools" / "make_prior.py")
 # Calibration variants of the swap prior: (--swap-calib, --swap-target).
@@ -128,14 +130,6 @@ def maskpro_figures(args, assets, swap_prior: Path, work: Path) -> dict[str, Pat
                work / f"export_{name}", formats="mask")
         masks[name] = work / f"export_{name}" / "mask"
     return masks
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _run_metrics(work: Path, name: str) -> list[dict]:
@@ -259,7 +253,7 @@ def main(argv=None) -> int:
                               "median_vs_swap": (round(ppl["maskpro_from_swap"] / ppl["swap"] - 1, 4)
                                                  if maskpro_ppl else None),
                               "lr": args.maskpro_lr, "advantage_norm": "rms", "uninterrupted": _uninterrupted(work, maskpro_ppl)},
-        "commit": _commit(),
+        "commit": git_commit(),
         "swap_vs_sparsegpt": round(ppl["swap"] / ppl["sparsegpt"], 4),
         "swap_vs_sparsegpt_32x128": round(ppl["swap"] / ppl["sparsegpt_32x128"], 4),
         "default_variant": args.variant,

@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=str(REPO / ".cache" / "demo" / "wiki" / "calib.txt"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default="", help=argparse.SUPPRESS)
+    p.add_argument("--commit", default="", help=argparse.SUPPRESS)  # the launcher's git HEAD, for the result
     args = p.parse_args(argv)
     from maskpro_ds.formats.compute_dtype import resolve_dtype
 
@@ -51,6 +52,8 @@ def parse_args(argv=None):
 
 
 def launch(args) -> int:
+    from bench.provenance import git_commit
+
     if not Path(args.model).is_dir():
         from maskpro_ds.demo.assets import prepare_demo
 
@@ -59,7 +62,8 @@ def launch(args) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.ranks), "--master_port", "29533",
            __file__, "--worker", "--run-dir", str(run_dir), "--batch", str(args.batch), "--seqlen", str(args.seqlen),
-           "--repeats", str(args.repeats), "--dtype", args.dtype, "--model", args.model, "--data", args.data]
+           "--repeats", str(args.repeats), "--dtype", args.dtype, "--model", args.model, "--data", args.data,
+           "--commit", git_commit() or ""]
     try:
         return subprocess.run(cmd, env=env).returncode
     finally:
@@ -137,8 +141,7 @@ def worker(args) -> None:
             "init_s": round(init_s, 2), "threads_per_rank": torch.get_num_threads(),
             "masked_weights": sum(s[0] * s[1] for s in trainer.store.shapes),
             "cpu_native_bf16": cpu_has_native_bf16(),
-            "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                     text=True).stdout.strip() or None,
+            "commit": args.commit or None,
         }
         print(json.dumps(result, indent=1))
         print(f"\nstep / forward = {result['step_over_forward']:.3f}   bytes / forward = {result['bytes_over_forward']:.4f}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from maskpro_ds.formats.dtypes import parse_dtype
+from maskpro_ds.formats.dtypes import TORCH_DTYPES, parse_dtype
 
 
 def cpu_has_native_bf16() -> bool:
@@ -39,4 +39,4 @@ def resolve_dtype(name: str, device: str = "cpu", option: str = "--dtype") -> st
     if name == "auto":
         return fast_dtype(device)
     torch_dtype = parse_dtype(name, option)
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[torch_dtype]
+    return next(short for short, dtype in TORCH_DTYPES.items() if dtype == torch_dtype)
