@@ -253,7 +253,8 @@ def main(argv=None) -> int:
     assets = prepare_demo(args.cache)
     _, val = split_heldout(assets.heldout_text, out)
     prior = make_prior(assets, args.prior, out / "priors", args.calib_samples)
-    fresh = [run_option(n, s, args, assets, prior, val, out, mode) for n in names for s in seeds]
+    # Seeds outermost: an interrupted screen still has every option at its first seed.
+    fresh = [run_option(n, s, args, assets, prior, val, out, mode) for s in seeds for n in names]
 
     old = json.loads(results.read_text())["options"] if results.is_file() else []
     keys = {(e["mode"], e["name"], e["seed"]) for e in fresh}
