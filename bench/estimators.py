@@ -15,10 +15,13 @@ validation split: the held-out Wikipedia articles after the first 16, which stay
 measured on the prior before the first step and about every ``--eval-forwards`` forwards after.
 
 Runs are uninterrupted: a run directory left without its result by an interrupted command is
-started again from scratch (``--allow-resume`` continues it instead and marks it so). Finished
-runs are kept, so rerunning a command only does what is missing. Results accumulate in
-bench/results/estimators.json (one entry per mode, option and seed; ``--results`` elsewhere; custom
-budgets write into ``--out``) with a PNG of every curve beside it. docs/estimators.md explains the
+started again from scratch (``--allow-resume`` continues it instead and marks it so). Results
+accumulate in bench/results/estimators.json (one entry per mode, option and seed, each with its
+commit, dtype and CPU; ``--results`` elsewhere; custom budgets write into ``--out``) with a PNG of
+every curve beside it, rewritten after every finished run. A finished run is never run again:
+rerunning a command, in this checkout or in a fresh clone that has the results file, only does
+what is missing. Training is fp32 unless ``--dtype`` says otherwise, so runs made on CPUs with and
+without native bf16 belong in one table. docs/estimators.md explains the
 options and how to read the table.
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import sys
@@ -153,9 +157,24 @@ def run_option(name: str, seed: int, args, assets, prior: Path, val: Path, out: 
     result = {"name": name, "seed": seed, "forwards": forwards, "val_ppl": curve, "steps": last_step,
               "forwards_per_step": fps, "lr": lr, "overrides": overrides, "what": what, "mode": mode,
               "budget": args.forwards, "uninterrupted": not interrupted, "wall_s": round(time.time() - t0, 1),
-              "final_val_ppl": curve[-1][1] if curve else None, "prior_val_ppl": curve[0][1] if curve else None}
+              "final_val_ppl": curve[-1][1] if curve else None, "prior_val_ppl": curve[0][1] if curve else None,
+              "train_dtype": args.dtype, "git_commit": git_commit() or "unknown", "cpu": cpu_name()}
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def cpu_name() -> str:
+    """The CPU model and whether it has native bf16 (timings compare only within one kind)."""
+    name, bf16 = platform.processor() or "unknown", False
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                bf16 = "avx512_bf16" in line.split()
+    except OSError:
+        pass
+    return f"{name}{' (avx512_bf16)' if bf16 else ''}"
 
 
 def summarise(entries: list[dict]) -> dict:
@@ -221,7 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows for the prior")
     p.add_argument("--eval-forwards", type=int, default=50, help="forwards per rank between evaluations")
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | auto (default: bf16 where the CPU runs it natively)")
+    # fp32 by default, not auto: sessions land on CPUs with and without native bf16, and runs are only
+    # comparable within one dtype; fp32 runs from any x86 machine can share one table.
+    p.add_argument("--dtype", default="fp32", help="fp32 (default) | bf16 | auto (bf16 where the CPU runs it natively)")
     p.add_argument("--cache", default=str(REPO / ".cache" / "demo"), help="the demo asset cache")
     p.add_argument("--out", default=str(REPO / "runs" / "estimators"))
     p.add_argument("--results", default="", help="results JSON (default: bench/results/estimators.json for "
@@ -253,32 +274,55 @@ def main(argv=None) -> int:
     assets = prepare_demo(args.cache)
     _, val = split_heldout(assets.heldout_text, out)
     prior = make_prior(assets, args.prior, out / "priors", args.calib_samples)
-    # Seeds outermost: an interrupted screen still has every option at its first seed.
-    fresh = [run_option(n, s, args, assets, prior, val, out, mode) for s in seeds for n in names]
-
-    old = json.loads(results.read_text())["options"] if results.is_file() else []
-    keys = {(e["mode"], e["name"], e["seed"]) for e in fresh}
-    entries = [e for e in old if (e["mode"], e["name"], e["seed"]) not in keys] + fresh
-    png = plot(entries, results.with_suffix(".png"))
-    summary = {
-        "options": entries, "summary": summarise(entries), "prior": args.prior, "model": "SmolLM2-135M-Instruct",
-        "pattern": "2:4", "ranks": RANKS, "batch_per_rank": BATCH, "seqlen": SEQLEN, "samples": args.samples,
-        "train_dtype": args.dtype, "eval_tokens": args.eval_tokens, "eval_forwards": args.eval_forwards,
-        "baseline_forwards": num_rounds(args.samples, RANKS, BATCH), "git_commit": git_commit() or "unknown", "plot": png.name,
-        "command": "python -m bench.estimators " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
-    results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = results.with_name(f".tmp-{results.name}")
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, results)
+    meta = {"prior": args.prior, "model": "SmolLM2-135M-Instruct", "pattern": "2:4", "ranks": RANKS,
+            "batch_per_rank": BATCH, "seqlen": SEQLEN, "samples": args.samples, "train_dtype": args.dtype,
+            "eval_tokens": args.eval_tokens, "eval_forwards": args.eval_forwards,
+            "baseline_forwards": num_rounds(args.samples, RANKS, BATCH),
+            "command": "python -m bench.estimators " + " ".join(sys.argv[1:] if argv is None else argv)}
+    # Seeds outermost: an interrupted screen still has every option at its first seed. The results
+    # file is rewritten after every run, so a session that ends mid-tournament keeps what finished,
+    # and an entry already in it (same mode, option, seed, budget and dtype) is not run again.
+    for seed in seeds:
+        for name in names:
+            kept = recorded(results, mode, name, seed, args)
+            if kept is not None:
+                print(f"{name} seed {seed}: kept from {results} (commit {kept.get('git_commit', '?')})", flush=True)
+                continue
+            entry = run_option(name, seed, args, assets, prior, val, out, mode)
+            write_results(results, entry, meta)
+    summary = json.loads(results.read_text())
     print(f"\n{'option':<28} {'seeds':<8} {'forwards':>9} {'prior val':>10} {'final val (median)':>19}")
     for key, v in summary["summary"].items():
         med = v["median_final_val_ppl"]
         print(f"{key:<28} {','.join(map(str, v['seeds'])):<8} {max(v['forwards']):>9} "
               f"{v['prior_val_ppl'] or float('nan'):>10.2f} {med if med is not None else float('nan'):>19.2f}")
-    print(f"results: {results}\nplot: {png}")
+    print(f"results: {results}\nplot: {results.with_suffix('.png')}")
     return 0
 
+
+def recorded(results: Path, mode: str, name: str, seed: int, args) -> dict | None:
+    """The finished entry for (mode, option, seed) in ``results``, if it was run with this budget and dtype."""
+    if not results.is_file():
+        return None
+    for e in json.loads(results.read_text())["options"]:
+        if (e["mode"], e["name"], e["seed"]) == (mode, name, seed) and e.get("budget") == args.forwards \
+                and e.get("train_dtype") == args.dtype:
+            return e
+    return None
+
+
+def write_results(results: Path, entry: dict, meta: dict) -> None:
+    """Merge one finished entry into ``results`` (replacing its mode, option and seed), redraw the PNG."""
+    old = json.loads(results.read_text())["options"] if results.is_file() else []
+    key = (entry["mode"], entry["name"], entry["seed"])
+    entries = [e for e in old if (e["mode"], e["name"], e["seed"]) != key] + [entry]
+    png = plot(entries, results.with_suffix(".png"))
+    summary = {"options": entries, "summary": summarise(entries), **meta,
+               "git_commit": git_commit() or "unknown", "plot": png.name}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    tmp = results.with_name(f".tmp-{results.name}")
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, results)
 
 if __name__ == "__main__":
     sys.exit(main())
