@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench.provenance import git_commit
+from bench.provenance import cpu_name, git_commit
 from bench.quality import split_heldout
 from maskpro_ds.demo.assets import prepare_demo
 from maskpro_ds.demo.run import DemoSizes, train
@@ -161,20 +160,6 @@ def run_option(name: str, seed: int, args, assets, prior: Path, val: Path, out: 
               "train_dtype": args.dtype, "git_commit": git_commit() or "unknown", "cpu": cpu_name()}
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
-
-
-def cpu_name() -> str:
-    """The CPU model and whether it has native bf16 (timings compare only within one kind)."""
-    name, bf16 = platform.processor() or "unknown", False
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                bf16 = "avx512_bf16" in line.split()
-    except OSError:
-        pass
-    return f"{name}{' (avx512_bf16)' if bf16 else ''}"
 
 
 def summarise(entries: list[dict]) -> dict:

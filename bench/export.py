@@ -42,6 +42,7 @@ def peak_rss():  # VmHWM: this process image only (ru_maxrss would carry the par
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
 
+from maskpro_ds.export.native import status
 from maskpro_ds.export.pipeline import run_export
 from maskpro_ds.export.sources import CheckpointMasks
 step, base, out, formats, workers = sys.argv[1:6]
@@ -56,7 +57,7 @@ elapsed, c1 = time.perf_counter() - t0, os.times()
 source.close()
 cpu = sum(getattr(c1, k) - getattr(c0, k) for k in ("user", "system", "children_user", "children_system"))
 workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # largest worker process
-print(json.dumps({"seconds": elapsed, "check_seconds": check_seconds, "cpu_seconds": cpu, "peak_rss": peak_rss(), "workers_peak_rss": workers_rss}))
+print(json.dumps({"kernel": status(), "seconds": elapsed, "check_seconds": check_seconds, "cpu_seconds": cpu, "peak_rss": peak_rss(), "workers_peak_rss": workers_rss}))
 """
 
 
@@ -87,8 +88,8 @@ def read_all(paths: list[Path]) -> tuple[int, float]:
     return total, time.perf_counter() - t0
 
 
-def run_child(step: Path, base: Path, out: Path, formats: str, workers: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def run_child(step: Path, base: Path, out: Path, formats: str, workers: int, kernel: str = "auto") -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASKPRO_EXPORT_KERNEL=kernel)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(step), str(base), str(out), formats, str(workers)],
                           capture_output=True, text=True, check=True, env=env)
     shutil.rmtree(out, ignore_errors=True)
@@ -107,12 +108,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/export.json")
     args = parser.parse_args()
 
-    from bench.provenance import git_commit
+    from bench.provenance import cpu_name, git_commit
     from maskpro_ds.formats.hashing import model_fingerprint
     from tests.synthetic import write_random_base, write_synthetic_checkpoint
 
     load_before = os.getloadavg()
     runs: dict[int, list[dict]] = {1: [], 2: []}
+    numpy_runs: list[dict] = []  # 1 worker on the numpy kernel: what the compiled pass buys
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         tensors, shapes = llama_layers(args.hidden, args.intermediate, args.kv, args.layers)
@@ -127,6 +129,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for workers in runs:
                 runs[workers].append(run_child(step, base, tmp / "out", args.formats, workers))
+            numpy_runs.append(run_child(step, base, tmp / "out", args.formats, 1, kernel="numpy"))
         idle = run_child(step, base, tmp / "none", "none", 1)
         t0 = time.perf_counter()
         model_fingerprint(base)
@@ -143,8 +146,12 @@ def main() -> None:
     check_gbps = logit_gb / check_s  # sha256 of the checkpoint shards, one thread per shard file
     end_to_end = {w: gb / (s + check_s) for w, s in seconds.items()}
     rate_16 = 16 * rate[1] * speedup / 2  # 16 workers at the 2-worker efficiency
+    numpy_rate = gb / statistics.median(r["seconds"] for r in numpy_runs)
     result = {
         "gb_per_s_per_core_1_worker": rate[1],
+        "kernel": one["kernel"],
+        "gb_per_s_1_worker_numpy_kernel": numpy_rate,
+        "kernel_speedup_1_worker": rate[1] / numpy_rate,
         "gb_per_s_2_workers": rate[2],
         "speedup_2_workers": speedup,
         "checksum_gb_per_s": check_gbps,
@@ -179,6 +186,7 @@ def main() -> None:
         "load_average_after": [round(x, 2) for x in load_after],
         "page_cache": "warm (every input read once before the measurements)",
         "commit": git_commit(),
+        "cpu": cpu_name(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The git commit a bench result was measured at (every results JSON records it)."""
+"""Where a bench result was measured: the git commit and the CPU (every results JSON records them)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,17 @@ def git_commit() -> str | None:
                               check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def cpu_name() -> str:
+    """The CPU model, and whether it has native bf16 (timings compare only within one kind of CPU)."""
+    name, bf16 = "unknown", False
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown":
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                bf16 = "avx512_bf16" in line.split()
+    except OSError:
+        pass
+    return f"{name}, {'AVX-512 BF16' if bf16 else 'no native bf16'}"

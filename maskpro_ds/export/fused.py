@@ -14,7 +14,9 @@ weights of a row block, in a few vectorised integer passes over buffers reused f
   bit for bit and all bits clear (+0.0) where pruned, i.e. ``torch.where(mask, w, 0)`` for any
   float dtype, without a float operation.
 
-Every output is a view of a buffer the next block overwrites.
+Every output is a view of a buffer the next block overwrites. :meth:`BlockKernel.from_logits` does
+all three in one compiled pass (export/native.py: nm4_block.c, kept only when it gives these
+bytes on a probe) where it can, else in the numpy passes above.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from maskpro_ds.export.native import NativeNanLogits, native_kernel, run_block
 from maskpro_ds.formats.mapped import MappedFiles
 from maskpro_ds.masks.nm import nm_violations, topn_mask
 
@@ -47,6 +50,25 @@ class BlockKernel:
         if buf is None or buf.dtype != dtype or buf.size < count:
             buf = self._buffers[key] = np.empty(count, dtype=dtype)
         return buf[:count]
+
+    # ------------------------------------------------------------------ one block
+    def from_logits(self, logits: np.ndarray, rows: int, in_f: int, weights: np.ndarray | None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """fp32 logits ``[rows * in_f / M, M]`` (and the weights' raw bits, flat, or None) ->
+        (keep uint8 ``[rows, in_f]``, packed ``[rows, ceil(in_f/8)]``, pruned raw bits or None)."""
+        fn = native_kernel() if self.m == 4 else None
+        if fn is None or not logits.flags.c_contiguous or (weights is not None and not weights.flags.c_contiguous):
+            keep = self.keep_from_logits(logits).reshape(rows, in_f)
+            return keep, self.pack(keep), None if weights is None else self.prune(weights, keep)
+        keep = self.buffer("keep", rows * in_f, np.uint8).reshape(rows, in_f)
+        packed = self.buffer("packed", rows * ((in_f + 7) // 8), np.uint8).reshape(rows, (in_f + 7) // 8)
+        pruned = None if weights is None else self.buffer("pruned", weights.size, weights.dtype)
+        try:
+            run_block(fn, logits, rows, in_f, self.n, keep, packed, weights, pruned,
+                      self.buffer("codes", rows * in_f // 4, np.uint8))
+        except NativeNanLogits as e:
+            raise NanLogits(str(e)) from None
+        return keep, packed, pruned
 
     # ------------------------------------------------------------------ keep bytes
     def keep_from_logits(self, logits: np.ndarray) -> np.ndarray:

@@ -75,17 +75,18 @@ class CheckpointMasks:
                 out[lo - g0:hi - g0] = self._reader.read_rows(info, lo - s0, hi - s0).to(torch.float32).numpy()
         return out
 
-    def keep_rows(self, name: str, r0: int, r1: int, kernel: BlockKernel) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 keep ``[r1 - r0, in]``, fp32 logits ``[(r1 - r0) * in/M, M]``) of rows ``[r0, r1)``."""
+    def block(self, name: str, r0: int, r1: int, kernel: BlockKernel, weights: np.ndarray | None) -> tuple:
+        """(keep uint8 ``[r1 - r0, in]``, packed bits, the pruned ``weights`` (raw bits, flat) or None,
+        fp32 logits ``[(r1 - r0) * in/M, M]``) of rows ``[r0, r1)``: one kernel pass."""
         in_f = self.shapes[name][1]
         per_row = in_f // self.m
         logits = self.read_logits(name, r0 * per_row, r1 * per_row, kernel)
         try:
-            keep = kernel.keep_from_logits(logits)
+            keep, packed, pruned = kernel.from_logits(logits, r1 - r0, in_f, weights)
         except NanLogits as e:
             raise ValueError(f"{self.path}: layer {name}, rows {r0}..{r1}: {e} (NaN); the checkpoint is corrupt, "
                              "use an earlier one") from e
-        return keep.reshape(r1 - r0, in_f), logits
+        return keep, packed, pruned, logits
 
     def close(self) -> None:
         self._reader.close()
@@ -115,10 +116,19 @@ class ArtifactMasks:
                                  f"U8 [{out_f}, {(in_f + 7) // 8}]; the artifact is corrupt, re-create it")
         self._reader = Reader()
 
-    def keep_rows(self, name: str, r0: int, r1: int, kernel: BlockKernel) -> tuple[np.ndarray, None]:
-        """(uint8 keep ``[r1 - r0, in]``, None) of rows ``[r0, r1)``; strictness is the caller's check."""
+    def block(self, name: str, r0: int, r1: int, kernel: BlockKernel, weights: np.ndarray | None) -> tuple:
+        """(keep uint8 ``[r1 - r0, in]``, packed bits as stored, the pruned ``weights`` or None, None) of
+        rows ``[r0, r1)``, after checking every group is strict N:M."""
         packed = self._reader.read_rows(self.packed[name], r0, r1).numpy()
-        return kernel.keep_from_packed(packed, self.shapes[name][1]), None
+        keep = kernel.keep_from_packed(packed, self.shapes[name][1])
+        bad = kernel.violations(keep)
+        if bad:
+            raise ValueError(f"{self.path}: layer {name} is not strict {self.n}:{self.m} in {bad} groups of rows "
+                             f"{r0}..{r1}; refusing to export it")
+        in_f = self.shapes[name][1]
+        if in_f % 8:  # repack: the stored padding bits of a row's last byte are not ours to copy
+            packed = kernel.pack(keep)
+        return keep, packed, None if weights is None else kernel.prune(weights, keep), None
 
     def close(self) -> None:
         self._reader.close()

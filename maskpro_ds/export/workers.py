@@ -98,18 +98,13 @@ class ExportJob:
         return {sink.format: sink.tally() for sink in self.sinks}
 
     def _block(self, info: TensorInfo, layer: str, r0: int, r1: int) -> None:
-        source, kernel = self.source, self._kernel
-        keep, logits = source.keep_rows(layer, r0, r1, kernel)
-        if logits is None:  # top-N of non-NaN logits keeps exactly N by construction; packed bits may not
-            bad = kernel.violations(keep)
-            if bad:
-                raise ValueError(f"{source.path}: layer {layer} is not strict {source.n}:{source.m} in "
-                                 f"{bad} groups of rows {r0}..{r1}; refusing to export it")
-        pruned = None
+        kernel = self._kernel
+        weights = None
         if self.needs_weights:
-            weights = kernel.files.view(info.path, info.start + r0 * info.row_bytes, (r1 - r0) * info.row_bytes)
-            pruned = kernel.prune(weights.view(LANES[info.row_bytes // info.shape[1]]), keep)
-        block = RowBlock(r0, r1, keep, kernel.pack(keep), pruned, ST_TO_TORCH[info.dtype], logits)
+            raw = kernel.files.view(info.path, info.start + r0 * info.row_bytes, (r1 - r0) * info.row_bytes)
+            weights = raw.view(LANES[info.row_bytes // info.shape[1]])
+        keep, packed, pruned, logits = self.source.block(layer, r0, r1, kernel, weights)
+        block = RowBlock(r0, r1, keep, packed, pruned, ST_TO_TORCH[info.dtype], logits)
         for sink in self.sinks:
             sink.masked_rows(layer, block)
         kernel.files.release()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import filecmp
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,54 @@ def test_fp16_logits_refuse_overflow(world, tmp_path):
     with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj has logits beyond the fp16 range"):
         export_checkpoint(step, world["base"], tmp_path / "out", "logits", logits_dtype="fp16", workers=2, **OPTS)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_one_pass_from_logits_matches_the_numpy_passes(n):
+    """BlockKernel.from_logits (the compiled pass where it is usable) gives the numpy passes' bytes."""
+    from maskpro_ds.export import native
+
+    if shutil.which("cc") or shutil.which("gcc"):  # then the compiled pass is what is compared here
+        assert native.status() == "native"
+    rows, in_f = 29, 44  # a row's last packed byte holds one group
+    kernel = BlockKernel(n, 4)
+    for seed in range(3):
+        logits = hard_logits(rows * in_f // 4, 4, seed).numpy()
+        keep_ref = kernel.keep_from_logits(logits).reshape(rows, in_f).copy()
+        packed_ref = kernel.pack(keep_ref).copy()
+        for lane in (np.uint16, np.uint32):
+            w = np.random.default_rng(seed).integers(0, np.iinfo(lane).max, rows * in_f, dtype=lane)
+            pruned_ref = kernel.prune(w, keep_ref).copy()
+            keep, packed, pruned = kernel.from_logits(logits, rows, in_f, w)
+            assert np.array_equal(keep, keep_ref) and np.array_equal(packed, packed_ref)
+            assert np.array_equal(pruned, pruned_ref)
+        keep, packed, pruned = kernel.from_logits(logits, rows, in_f, None)
+        assert pruned is None and np.array_equal(packed, packed_ref)
+    logits[7, 1] = float("nan")
+    with pytest.raises(NanLogits):
+        kernel.from_logits(logits, rows, in_f, None)
+
+
+def test_compiled_kernel_is_used_where_a_compiler_is_and_falls_back_otherwise(monkeypatch, tmp_path):
+    from maskpro_ds.export import native
+
+    monkeypatch.setenv("MASKPRO_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MASKPRO_EXPORT_KERNEL", raising=False)
+    monkeypatch.setattr(native, "_loaded", None)
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.status() == "native"
+        assert len(list((tmp_path / "cache").glob("nm4_block-*.so"))) == 1
+    else:
+        assert "no C compiler" in native.status()
+    # a compiler that fails: the export keeps working on the numpy kernel, or refuses when told to
+    monkeypatch.setenv("MASKPRO_KERNEL_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.native_kernel() is None and native.status().startswith("numpy (compiled kernel not usable")
+    monkeypatch.setenv("MASKPRO_EXPORT_KERNEL", "native")
+    monkeypatch.setattr(native, "_loaded", None)
+    with pytest.raises(RuntimeError, match="MASKPRO_EXPORT_KERNEL=native"):
+        native.native_kernel()
+    monkeypatch.setenv("MASKPRO_EXPORT_KERNEL", "numpy")
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.native_kernel() is None and "MASKPRO_EXPORT_KERNEL=numpy" in native.status()

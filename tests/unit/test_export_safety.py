@@ -179,13 +179,13 @@ KILL_SCRIPT = """
 import os, signal, sys
 from maskpro_ds.export import export_checkpoint, sources
 calls = [0]
-keep_rows = sources.CheckpointMasks.keep_rows
-def keep_rows_then_die(self, *args):
+block = sources.CheckpointMasks.block
+def block_then_die(self, *args):
     calls[0] += 1
     if calls[0] == 20:  # well into the pass: several layers already written
         os.kill(os.getpid(), signal.SIGKILL)
-    return keep_rows(self, *args)
-sources.CheckpointMasks.keep_rows = keep_rows_then_die
+    return block(self, *args)
+sources.CheckpointMasks.block = block_then_die
 export_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], "hf-dense,mask,ct-sparse24", max_shard_size="20KB",
                   chunk_elements=1000, workers=int(sys.argv[4]), progress=False)
 """
