@@ -6,7 +6,12 @@ and would not be comparable anyway), then in the same run:
   0. the checksum pre-check of the checkpoint (sha256 of its shards), timed apart -> checksum GB/s
   1. raw sequential read of the base weight files (16 MB reads)          -> read GB/s
   2. the export in a fresh subprocess with --workers 1 and 2, alternating, ``--repeats`` times each
-     (time around the call, CPU time of the process and its workers, peak RSS) -> GB/s of base weights
+     (time around the call, CPU time of the process and its workers, peak RSS) -> GB/s of base weights,
+     writing into RAM (``--ram-dir``, tmpfs: the pass itself, storage excluded) and, in the same
+     rotation, to the disk under ``--workdir`` (fsync'd), next to a plain fsync'd write of as many
+     bytes (the disk's own bound: a 2-core VM's disk caps the 2-worker figure there);
+     in the same rotation 1 worker forced onto the numpy kernel (MASKPRO_EXPORT_KERNEL=numpy) -> what
+     the compiled block pass (export/native.py) buys, and ``kernel`` says which one the export used
   3. the same subprocess importing everything and exporting nothing      -> interpreter baseline RSS
   4. model_fingerprint over the base                                     -> hashing GB/s (the default pre-check)
 The export figure is the pass after the two pre-checks (checksums, fingerprint), which are reported
@@ -45,14 +50,15 @@ def peak_rss():  # VmHWM: this process image only (ru_maxrss would carry the par
 from maskpro_ds.export.native import status
 from maskpro_ds.export.pipeline import run_export
 from maskpro_ds.export.sources import CheckpointMasks
-step, base, out, formats, workers = sys.argv[1:6]
+step, base, out, formats, workers, max_shard = sys.argv[1:7]
 torch.set_num_threads(1)
 t_check = time.perf_counter()
 source = CheckpointMasks(step)  # reads the manifest and checks every shard's sha256 (the pre-check)
 t0, c0 = time.perf_counter(), os.times()
 check_seconds = t0 - t_check
 if formats != "none":
-    run_export(source, base, out, formats, fingerprint_check=False, progress=False, workers=int(workers))
+    run_export(source, base, out, formats, fingerprint_check=False, progress=False, workers=int(workers),
+               max_shard_size=max_shard)
 elapsed, c1 = time.perf_counter() - t0, os.times()
 source.close()
 cpu = sum(getattr(c1, k) - getattr(c0, k) for k in ("user", "system", "children_user", "children_system"))
@@ -88,9 +94,25 @@ def read_all(paths: list[Path]) -> tuple[int, float]:
     return total, time.perf_counter() - t0
 
 
-def run_child(step: Path, base: Path, out: Path, formats: str, workers: int, kernel: str = "auto") -> dict:
+def write_fsynced(path: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` to ``path`` in 16 MB writes and fsync it: the disk's own bound."""
+    chunk = os.urandom(16 << 20)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for start in range(0, nbytes, len(chunk)):
+            os.write(fd, chunk[:min(len(chunk), nbytes - start)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
+def run_child(step: Path, base: Path, out: Path, formats: str, workers: int, max_shard: str, kernel: str = "auto") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MASKPRO_EXPORT_KERNEL=kernel)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(step), str(base), str(out), formats, str(workers)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(step), str(base), str(out), formats, str(workers), max_shard],
                           capture_output=True, text=True, check=True, env=env)
     shutil.rmtree(out, ignore_errors=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -103,8 +125,14 @@ def main() -> None:
     parser.add_argument("--kv", type=int, default=1024, help="rows of k_proj/v_proj (GQA)")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--formats", default="hf-dense,mask")
+    # 500MB: the layer's 1.7 GB goes into 4 shards ([q k v o], gate, up, down), as a 70B export's 140 GB
+    # goes into 28 shards of 5 GB: workers write different shards, as they do in a real export.
+    parser.add_argument("--max-shard-size", default="500MB", help="hf-dense shard size (default 500MB: 4 shards)")
     parser.add_argument("--repeats", type=int, default=3, help="exports per worker count, alternating")
-    parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed after)")
+    parser.add_argument("--workdir", default=None, help="scratch directory on disk for inputs and the disk runs "
+                        "(default: a temp dir, removed after)")
+    parser.add_argument("--ram-dir", default="/dev/shm", help="a RAM-backed directory for the outputs of the main "
+                        "runs (the pass without storage); the disk runs write under --workdir")
     parser.add_argument("--out", default="bench/results/export.json")
     args = parser.parse_args()
 
@@ -113,10 +141,12 @@ def main() -> None:
     from tests.synthetic import write_random_base, write_synthetic_checkpoint
 
     load_before = os.getloadavg()
-    runs: dict[int, list[dict]] = {1: [], 2: []}
+    runs: dict[int, list[dict]] = {1: [], 2: []}  # outputs in RAM (tmpfs): the pass without storage
+    disk_runs: dict[int, list[dict]] = {1: [], 2: []}  # outputs on --workdir's disk, fsync'd
     numpy_runs: list[dict] = []  # 1 worker on the numpy kernel: what the compiled pass buys
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        tmp = Path(tmp)
+    ram = args.ram_dir if args.ram_dir and Path(args.ram_dir).is_dir() else None
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp, tempfile.TemporaryDirectory(dir=ram) as ram_tmp:
+        tmp, ram_tmp = Path(tmp), Path(ram_tmp)
         tensors, shapes = llama_layers(args.hidden, args.intermediate, args.kv, args.layers)
         base = write_random_base(tmp / "base", tensors, {"model_type": "llama"}, max_shard_bytes=2 * 10**9)
         step = write_synthetic_checkpoint(tmp / "run", shapes, 2, 4, 2, {"path": str(base), "fingerprint": None})
@@ -128,9 +158,11 @@ def main() -> None:
         base_bytes, read_s = read_all(weight_files)
         for _ in range(args.repeats):
             for workers in runs:
-                runs[workers].append(run_child(step, base, tmp / "out", args.formats, workers))
-            numpy_runs.append(run_child(step, base, tmp / "out", args.formats, 1, kernel="numpy"))
-        idle = run_child(step, base, tmp / "none", "none", 1)
+                runs[workers].append(run_child(step, base, ram_tmp / "out", args.formats, workers, args.max_shard_size))
+                disk_runs[workers].append(run_child(step, base, tmp / "out", args.formats, workers, args.max_shard_size))
+            numpy_runs.append(run_child(step, base, ram_tmp / "out", args.formats, 1, args.max_shard_size, kernel="numpy"))
+        disk_write_s = write_fsynced(tmp / "write-probe", base_bytes)
+        idle = run_child(step, base, tmp / "none", "none", 1, args.max_shard_size)
         t0 = time.perf_counter()
         model_fingerprint(base)
         fp_s = time.perf_counter() - t0
@@ -147,6 +179,7 @@ def main() -> None:
     end_to_end = {w: gb / (s + check_s) for w, s in seconds.items()}
     rate_16 = 16 * rate[1] * speedup / 2  # 16 workers at the 2-worker efficiency
     numpy_rate = gb / statistics.median(r["seconds"] for r in numpy_runs)
+    disk_rate = {w: gb / statistics.median(r["seconds"] for r in rs) for w, rs in disk_runs.items()}
     result = {
         "gb_per_s_per_core_1_worker": rate[1],
         "kernel": one["kernel"],
@@ -154,6 +187,12 @@ def main() -> None:
         "kernel_speedup_1_worker": rate[1] / numpy_rate,
         "gb_per_s_2_workers": rate[2],
         "speedup_2_workers": speedup,
+        "outputs": f"RAM-backed {ram or 'temp dir (no --ram-dir found: the figures include storage)'}",
+        "disk_gb_per_s_1_worker": disk_rate[1],
+        "disk_gb_per_s_2_workers": disk_rate[2],
+        "disk_speedup_2_workers": disk_rate[2] / disk_rate[1],
+        "disk_write_gb_per_s": gb / disk_write_s,
+        "disk_2_workers_over_disk_write": disk_rate[2] / (gb / disk_write_s),
         "checksum_gb_per_s": check_gbps,
         "checkpoint_gb": logit_gb,
         "end_to_end_gb_per_s_1_worker": end_to_end[1],
@@ -172,6 +211,7 @@ def main() -> None:
         "peak_rss_gb": one["peak_rss"] / 1e9,
         "baseline_rss_gb": idle["peak_rss"] / 1e9,
         "formats": args.formats,
+        "max_shard_size": args.max_shard_size,
         "threads": 1,
         "shapes": f"hidden {args.hidden}, intermediate {args.intermediate}, kv {args.kv}, {args.layers} layers, bf16",
         "est_70b_minutes": 140 / rate[2] / 60,

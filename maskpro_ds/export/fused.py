@@ -42,7 +42,7 @@ class BlockKernel:
     def __init__(self, n: int, m: int):
         self.n, self.m = n, m
         self._buffers: dict[str, np.ndarray] = {}
-        self.files = MappedFiles()  # inputs, viewed without a copy (released after every block)
+        self.files = MappedFiles()  # inputs, viewed without a copy (released every RELEASE_BYTES and after every task)
 
     def buffer(self, key: str, count: int, dtype) -> np.ndarray:
         """A reused 1-D buffer of ``count`` items (grown when a block needs more); contents undefined."""

@@ -3,8 +3,8 @@
 The exporter's hot loop reads every base weight and every logit once. Copying them with ``preadv``
 costs about as much CPU as the arithmetic on them, so it reads through whole-file read-only maps
 instead, and gives the pages it touched back (``madvise(MADV_DONTNEED)``, which unmaps them from
-this process and keeps them in the page cache) after each block: the resident set stays a block,
-not the file, which is why the rest of the package does not use safetensors' own maps. A file
+this process and keeps them in the page cache) every few blocks: the resident set stays a few
+blocks, not the file, which is why the rest of the package does not use safetensors' own maps. A file
 truncated while mapped would fault (SIGBUS) instead of raising; inputs are checked against their
 headers before the pass and are not expected to change during it.
 """
@@ -49,14 +49,28 @@ class MappedFiles:
         self._touched.append((path, offset, nbytes))
         return data[offset:offset + nbytes]
 
-    def release(self) -> None:
-        """Drop every page viewed since the last call from this process's resident set."""
-        for path, offset, nbytes in self._touched:
+    def release(self, min_bytes: int = 0) -> None:
+        """Drop every page viewed since the last release from this process's resident set, once at
+        least ``min_bytes`` were viewed (0: now). Adjacent views of one file go in one madvise call:
+        a pass over consecutive row blocks makes one call per file and release, not one per block."""
+        if sum(n for _, _, n in self._touched) < max(1, min_bytes):
+            if not min_bytes:
+                self._touched.clear()
+            return
+        ranges: dict[Path, list[list[int]]] = {}
+        for path, offset, nbytes in sorted(self._touched):
+            spans = ranges.setdefault(path, [])
+            if spans and offset <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], offset + nbytes)
+            else:
+                spans.append([offset, offset + nbytes])
+        for path, spans in ranges.items():
             mm = self._maps[path][0]
-            start = offset - offset % _PAGE
-            end = min(len(mm), -(-(offset + nbytes) // _PAGE) * _PAGE)
-            if end > start:
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            for offset, stop in spans:
+                start = offset - offset % _PAGE
+                end = min(len(mm), -(-stop // _PAGE) * _PAGE)
+                if end > start:
+                    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
         self._touched.clear()
 
     def close(self) -> None:

@@ -221,6 +221,9 @@ class ShardedWriter:
     the same planned files (positional writes never overlap): a copy of the writer sent to another
     process re-opens the files by path, and what each process wrote comes back to the original
     through :meth:`take_written` / :meth:`add_written` so that the completeness check covers it.
+
+    The file system's free space is checked against the planned bytes first: a full disk is an
+    error before the pass, not after it.
     """
 
     def __init__(self, directory: Path, files: dict[str, list[PlannedTensor]], metadata: dict[str, str] | None):
@@ -232,6 +235,8 @@ class ShardedWriter:
         self._fds: list[int] = []
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
+        planned = sum(t.nbytes for tensors in files.values() for t in tensors)
+        check_free_space(directory, planned)
         for file_name, tensors in files.items():
             prefix, starts = encode_header(tensors, metadata)
             fd = os.open(directory / file_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -293,6 +298,15 @@ class ShardedWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+
+
+def check_free_space(directory: Path, nbytes: int) -> None:
+    """Raise OSError if the file system of ``directory`` has less than ``nbytes`` free."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise OSError(errno.ENOSPC, f"{directory}: {nbytes / 1e9:.2f} GB to write but {free / 1e9:.2f} GB free on its "
+                      "file system; free space or write elsewhere")
 
 
 def parse_size(text: str | int) -> int:

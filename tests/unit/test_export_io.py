@@ -79,6 +79,16 @@ def test_incomplete_tensor_is_an_error(tmp_path):
         writer.close()
 
 
+def test_writer_refuses_a_file_system_without_room(tmp_path):
+    import os
+
+    st = os.statvfs(tmp_path)
+    too_big = st.f_bavail * st.f_frsize + (1 << 30)
+    with pytest.raises(OSError, match="GB to write but .* GB free"):
+        ShardedWriter(tmp_path, {"x.safetensors": [PlannedTensor("w", "U8", (too_big,))]}, None)
+    assert list(tmp_path.iterdir()) == []  # refused before a file was created
+
+
 def test_plan_shards_and_sizes():
     ts = [PlannedTensor(str(i), "F32", (10,)) for i in range(5)]  # 40 bytes each
     assert [len(s) for s in plan_shards(ts, 100)] == [2, 2, 1]

@@ -119,6 +119,16 @@ def test_spawned_workers_write_the_same_bytes(world, tmp_path, monkeypatch):
     same_tree(forked, spawned)
 
 
+def test_striped_order_is_a_permutation_starting_in_every_stripe():
+    tasks = list(range(11))  # the order only: any items
+    for count in (1, 2, 3, 4):
+        order = workers.striped(tasks, count)
+        assert sorted(order) == tasks
+        starts = [tasks[i * len(tasks) // count] for i in range(count)]
+        assert order[:count] == starts  # the first task of each stripe is handed out first
+    assert workers.striped(tasks, 2) == [0, 5, 1, 6, 2, 7, 3, 8, 4, 9, 10]
+
+
 def test_workers_option_is_checked(world, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="--workers must be a positive integer"):
