@@ -141,6 +141,9 @@ class TrainConfig:
     """adaptive: decay of the per-logit second moment of the update (past steps only), in [0, 1)."""
     adaptive_eps: float = 1e-2
     """adaptive: floor of the per-logit divisor sqrt(v) + eps, in update units (advantage x score)."""
+    layer_credit: float = 0.0
+    """λ of the layer-local credit (N = 2): logits also move by −λ·∇ of each layer's expected reconstruction
+    error relative to its dense output, on the step's first sampled forward (docs/estimators.md). 0 = off."""
     lr_schedule: LrSchedule = "constant"
     """Step-size schedule over train.steps: constant | cosine | linear (decay to lr_final_ratio·lr), after warmup."""
     lr_final_ratio: float = 0.1
@@ -268,6 +271,9 @@ class Config:
             raise ValueError(f"train.adaptive_beta must be in [0, 1), got {self.train.adaptive_beta}")
         if self.train.adaptive_eps <= 0:
             raise ValueError(f"train.adaptive_eps must be > 0 (it floors a divisor), got {self.train.adaptive_eps}")
+        if self.train.layer_credit < 0 or (self.train.layer_credit > 0 and self.mask.n != 2):
+            raise ValueError(f"train.layer_credit must be >= 0 and needs mask.n = 2; got {self.train.layer_credit} "
+                             f"with mask.n = {self.mask.n}")
         if self.train.lr_warmup_steps < 0:
             raise ValueError(f"train.lr_warmup_steps must be >= 0, got {self.train.lr_warmup_steps}")
         if self.train.advantage_norm == "clip" and self.train.advantage_clip <= 0:

@@ -71,22 +71,49 @@ def expected_row_error(w: torch.Tensor, logits: torch.Tensor, h: torch.Tensor) -
 
 def expected_error_gradient(w: torch.Tensor, logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """∂/∂logits of Σ_rows :func:`expected_row_error`, ``[G, M]`` (N = 2), with no sampling noise."""
-    rows, m = _check(w, logits, h)
-    probs, rho, pairs = _pruned_probabilities(logits)
-    wg = w.reshape(rows, -1, m)
-    u = wg * rho.reshape(rows, -1, m).to(w.dtype)
-    blocks = _same_group(h, m)
+    _check(w, logits, h)
+    return slice_error_gradient(w, h, logits, torch.zeros(logits.shape, dtype=w.dtype), 0)
+
+
+def slice_error_gradient(w: torch.Tensor, h: torch.Tensor, logits: torch.Tensor, pruned: torch.Tensor, offset: int,
+                         row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of Σ_rows row_scale_r · E_r in the logits of a run of ``g`` consecutive groups.
+
+    ``w`` ``[rows, in]`` are whole rows; their groups, row-major, are numbered 0..rows·in/M; ``logits``
+    ``[g, M]`` are those of groups ``[offset, offset + g)`` (a rank's slice of a layer, which may start
+    and end inside a row); ``pruned`` ``[rows·in/M, M]`` gives every other group's pruned indicator (or
+    probability) ρ, entries inside the run being ignored. Since E is linear in each other group's ρ,
+    a sampled mask (1 − m) there gives an unbiased estimate of the gradient at their probabilities.
+    ``row_scale`` ``[rows]`` weighs each row's error (None: 1). Result ``[g, M]`` in the logits' dtype.
+    """
+    rows, d_in = w.shape
+    g, m = logits.shape
+    per_row = d_in // m
+    if d_in % m or h.shape != (d_in, d_in) or pruned.shape != (rows * per_row, m) or not 0 <= offset <= rows * per_row - g:
+        raise ValueError(f"slice_error_gradient: w {tuple(w.shape)}, H {tuple(h.shape)}, logits {tuple(logits.shape)}, "
+                         f"pruned {tuple(pruned.shape)}, offset {offset} do not fit together")
+    probs, rho_slice, pairs = _pruned_probabilities(logits)
+    rho = pruned.to(w.dtype).clone()
+    rho[offset:offset + g] = rho_slice.to(w.dtype)
+    wg = w.reshape(rows, per_row, m)
+    u = wg * rho.view(rows, per_row, m)
+    blocks = _same_group(h, m)  # [in/M, M, M]
     # c_i = 2 w_i Σ_{j outside i's group} H_ij u_j: the other groups' pull on position i.
     hu = (u.reshape(rows, -1) @ h).view_as(wg) - torch.einsum("gij,rgj->rgi", blocks, u)
-    linear = 2.0 * wg * hu + torch.diagonal(blocks, dim1=1, dim2=2) * wg * wg  # per pruned position
+    run = slice(offset, offset + g)
+    w_run = wg.reshape(-1, m)[run]
+    blocks_run = blocks[torch.arange(offset, offset + g, device=w.device) % per_row]  # [g, M, M]
+    linear = (2.0 * wg * hu).reshape(-1, m)[run] + torch.diagonal(blocks_run, dim1=1, dim2=2) * w_run * w_run
     values = []
     for a, b in pairs:  # V(S): what the group adds to the error when S = {a, b} is kept
-        pruned = [i for i in range(m) if i not in (a, b)]
-        v = sum(linear[..., i] for i in pruned)
-        for i, j in itertools.combinations(pruned, 2):
-            v = v + 2.0 * blocks[:, i, j] * wg[..., i] * wg[..., j]
-        values.append(v.reshape(-1))
-    weights = (probs.t().to(w.dtype) * torch.stack(values)).to(logits.dtype)  # [C, G]: P(S)·V(S)
+        kept_out = [i for i in range(m) if i not in (a, b)]
+        v = sum(linear[:, i] for i in kept_out)
+        for i, j in itertools.combinations(kept_out, 2):
+            v = v + 2.0 * blocks_run[:, i, j] * w_run[:, i] * w_run[:, j]
+        values.append(v)
+    weights = probs.t().to(w.dtype) * torch.stack(values)  # [C, g]: P(S)·V(S)
+    if row_scale is not None:
+        weights = weights * row_scale.to(w.dtype)[torch.arange(offset, offset + g, device=w.device) // per_row]
     codes = torch.tensor(pair_codes(m), dtype=torch.uint8, device=logits.device)
-    codes = codes.unsqueeze(1).expand(-1, logits.shape[0]).contiguous()
-    return update_block(logits.t().contiguous(), codes, weights).t()
+    codes = codes.unsqueeze(1).expand(-1, g).contiguous()
+    return update_block(logits.t().contiguous(), codes, weights.to(logits.dtype)).t()

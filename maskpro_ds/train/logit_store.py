@@ -283,6 +283,11 @@ class LogitStore:
             self._sample_cache[(layer, mode.draw)] = (mode.step, send)
         return send, [c.numel() for c in chunks]
 
+    @property
+    def active_mode(self) -> MaskMode | None:
+        """The mode of the forward running now (None between forwards)."""
+        return self._active
+
     @contextlib.contextmanager
     def drawing(self, mode: MaskMode) -> Iterator[None]:
         """Make ``mode`` the one the masked Linears use for the forward run inside the block."""

@@ -44,6 +44,7 @@ from maskpro_ds.models.targets import select_targets
 from maskpro_ds.train import baseline_cache, checkpoint, fault_injection, preemption
 from maskpro_ds.train.estimators import StepLosses, make_estimator
 from maskpro_ds.train.forward import MaskedForward, num_rounds
+from maskpro_ds.train.layer_credit import LayerCredit
 from maskpro_ds.train.logit_store import LogitStore
 from maskpro_ds.train.lr_guard import GuardStop, LrGuard
 from maskpro_ds.train.mask_modes import PRIOR, SampleMode
@@ -106,7 +107,8 @@ class Trainer:
                                 cache_samples=cfg.mask.cache_samples, kernels=cfg.mask.kernels,
                                 draws=self.estimator.draws_per_rank)
         self.prior_identity = self._init_prior()
-        install_masked_forward(self.targets, self.store.mask_for_forward)
+        self.credit = LayerCredit(self.store, cfg.train.layer_credit) if cfg.train.layer_credit > 0 else None
+        install_masked_forward(self.targets, self.store.mask_for_forward, self.credit)
         self.forward = MaskedForward(self.engine, self.store)
         self.estimator.bind(self.store.group_ranges())
         # The f(m0) pass costs num_rounds forwards per rank, once (a cache reused from disk included).
@@ -235,7 +237,8 @@ class Trainer:
             f0_each = self.baseline.get(ids)
         else:
             f0_each = self.forward.losses(tokens, PRIOR).double().cpu()
-        self.forwards += k + (self.baseline is None)
+        # layer credit is counted as one forward: it costs about one (docs/estimators.md)
+        self.forwards += k + (self.baseline is None) + (self.credit is not None)
         every = distributed.all_gather_floats(torch.cat([loss, f0_each.mean().reshape(1)]).to(self.info.device)).cpu()
         if not bool(torch.isfinite(every[:, k]).all()):
             self._stop_on_baseline(ids[~torch.isfinite(f0_each)].tolist())
@@ -254,6 +257,8 @@ class Trainer:
         counts = torch.zeros(2, dtype=torch.float64)
         for layer, name in enumerate(store.names):
             c = store.apply_update(layer, self.step_index, advantages, lr, self.estimator.update_rule(name))
+            if self.credit is not None:
+                self.credit.apply(layer)
             counts += torch.tensor([c["deviating"], c["changed"]], dtype=torch.float64)
         counts = distributed.all_gather_floats(counts.to(self.info.device)).sum(0).cpu()
         total_groups = store.num_groups_total

@@ -133,19 +133,24 @@ class MaskedLinearForward:
     module, its parameters and DeepSpeed's hooks untouched.
     """
 
-    def __init__(self, module: torch.nn.Linear, layer_index: int, mask_fn: Callable[[int], torch.Tensor]):
+    def __init__(self, module: torch.nn.Linear, layer_index: int, mask_fn: Callable[[int], torch.Tensor],
+                 credit=None):
         self.module = module
         self.layer_index = layer_index
         self.mask_fn = mask_fn
+        self.credit = credit  # train/layer_credit.py: sees W, X and the mask while W is gathered
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.module.weight
-        return F.linear(x, masked_weight(weight, self.mask_fn(self.layer_index)), self.module.bias)
+        mask = self.mask_fn(self.layer_index)
+        if self.credit is not None:
+            self.credit.collect(self.layer_index, weight, x, mask)
+        return F.linear(x, masked_weight(weight, mask), self.module.bias)
 
 
-def install_masked_forward(targets: list[Target], mask_fn: Callable[[int], torch.Tensor]) -> None:
+def install_masked_forward(targets: list[Target], mask_fn: Callable[[int], torch.Tensor], credit=None) -> None:
     for index, target in enumerate(targets):
-        target.module.forward = MaskedLinearForward(target.module, index, mask_fn)
+        target.module.forward = MaskedLinearForward(target.module, index, mask_fn, credit)
 
 
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -96,3 +96,16 @@ def test_adaptive_two_ranks_match_reference_and_resume_is_bit_identical(setup):
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
     assert forwards_logged(run_dir) == [num_rounds(16, 2, 2) + 2 * s for s in range(1, STEPS + 1)]
+
+
+def test_layer_credit_two_ranks_match_reference(setup):
+    """train.layer_credit on 2 ranks equals the reference, which recomputes each rank's slice rows and H
+    from a plain model's inputs (slices that cut rows: tests/unit/test_layer_credit.py)."""
+    run_dir = setup["root"] / "credit"
+    torchrun(2, train_args(CONFIG, train__run_dir=run_dir, train__layer_credit=2.0, **setup["common"]))
+    ref = reference(setup, STEPS, lr=20.0, layer_credit=2.0)
+    assert_same_logits(logits_at(run_dir, STEPS), named(ref, ref.logits))
+    plain = reference(setup, STEPS, lr=20.0)
+    moved = max(float((a - b).abs().max()) for a, b in zip(ref.logits, plain.logits, strict=True))
+    assert moved > 1e-2  # the credit changed the logits beyond rounding
+    assert forwards_logged(run_dir) == [num_rounds(16, 2, 2) + 2 * s for s in range(1, STEPS + 1)]
