@@ -144,6 +144,8 @@ class TrainConfig:
     layer_credit: float = 0.0
     """λ of the layer-local credit (N = 2): logits also move by −λ·∇ of each layer's expected reconstruction
     error relative to its dense output, on the step's first sampled forward (docs/estimators.md). 0 = off."""
+    layer_credit_every: int = 1
+    """Layer credit on every k-th step only (its cost is elementwise over every masked weight: amortise it)."""
     lr_schedule: LrSchedule = "constant"
     """Step-size schedule over train.steps: constant | cosine | linear (decay to lr_final_ratio·lr), after warmup."""
     lr_final_ratio: float = 0.1
@@ -271,6 +273,8 @@ class Config:
             raise ValueError(f"train.adaptive_beta must be in [0, 1), got {self.train.adaptive_beta}")
         if self.train.adaptive_eps <= 0:
             raise ValueError(f"train.adaptive_eps must be > 0 (it floors a divisor), got {self.train.adaptive_eps}")
+        if self.train.layer_credit_every < 1:
+            raise ValueError(f"train.layer_credit_every must be >= 1, got {self.train.layer_credit_every}")
         if self.train.layer_credit < 0 or (self.train.layer_credit > 0 and self.mask.n != 2):
             raise ValueError(f"train.layer_credit must be >= 0 and needs mask.n = 2; got {self.train.layer_credit} "
                              f"with mask.n = {self.mask.n}")

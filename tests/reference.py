@@ -34,7 +34,7 @@ class ReferenceMaskPro:
                  batch_size=2, targets=r"\.layers\.\d+\.", order="use_then_refresh", norm="none",
                  exclude=("lm_head",), prior: dict[str, torch.Tensor] | None = None,
                  estimator="residual_tracker", k=1, beta=0.999, eps=1e-3, lr_factor=lambda step: 1.0,
-                 layer_credit=0.0):
+                 layer_credit=0.0, layer_credit_every=1):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -53,7 +53,7 @@ class ReferenceMaskPro:
         if estimator not in ("residual_tracker", "loo", "adaptive"):
             raise ValueError(f"the reference implements residual_tracker, loo and adaptive, not {estimator}")
         self.estimator, self.k, self.beta, self.eps, self.lr_factor = estimator, k, beta, eps, lr_factor
-        self.layer_credit = layer_credit
+        self.layer_credit, self.layer_credit_every = layer_credit, layer_credit_every
         self.second = [torch.zeros_like(lg) for lg in self.logits]  # adaptive: per-logit second moment
         self.updates = 0
         self.weights = [mod.weight.detach().clone() for _, mod in self.layers]
@@ -102,7 +102,8 @@ class ReferenceMaskPro:
                 masks = [sample_masks(lg, self.n, key_scalar(self.seed, t, slot, li)) for li, lg in enumerate(self.logits)]
                 inputs = [None] * len(self.layers)
                 hooks = [mod.register_forward_pre_hook(lambda _m, args, li=li, seen=inputs: seen.__setitem__(li, args[0]))
-                         for li, (_, mod) in enumerate(self.layers)] if self.layer_credit and d == 0 else []
+                         for li, (_, mod) in enumerate(self.layers)] if (self.layer_credit and d == 0
+                                                                 and t % self.layer_credit_every == 0) else []
                 loss = self._losses(ids, masks).mean()
                 for hook in hooks:
                     hook.remove()

@@ -67,19 +67,28 @@ class LayerCredit:
     """Collects each layer's credit gradient in the first sampled forward of a step; applies it after
     the layer's policy-gradient update."""
 
-    def __init__(self, store: LogitStore, weight: float):
+    def __init__(self, store: LogitStore, weight: float, every: int = 1):
         if store.n != 2:
             raise ValueError(f"train.layer_credit needs N = 2 (the pair kernels); mask.n is {store.n}")
-        self.store, self.weight = store, float(weight)
+        self.store, self.weight, self.every = store, float(weight), int(every)
         self._grads: dict[int, torch.Tensor] = {}
         self._step: int | None = None  # the step the gradients are of
         self._gram: tuple[torch.Tensor, torch.Tensor] | None = None  # (the input it was made from, H)
+
+    @classmethod
+    def from_config(cls, store: LogitStore, train) -> LayerCredit | None:
+        """The credit ``train`` (a TrainConfig) asks for, or None when ``train.layer_credit`` is 0."""
+        return cls(store, train.layer_credit, train.layer_credit_every) if train.layer_credit > 0 else None
+
+    def active(self, step: int) -> bool:
+        """Whether ``step`` computes the credit (every ``every``-th step, from step 0)."""
+        return step % self.every == 0
 
     @torch.no_grad()
     def collect(self, layer: int, weight: torch.Tensor, x: torch.Tensor, packed_mask: torch.Tensor) -> None:
         """Called by the masked Linear with its gathered weight, its input and this forward's mask."""
         mode = self.store.active_mode
-        if not isinstance(mode, SampleMode) or mode.draw != 0:
+        if not isinstance(mode, SampleMode) or mode.draw != 0 or not self.active(mode.step):
             return
         if mode.step != self._step:  # a new step: what a skipped step collected is dropped
             self._grads.clear()

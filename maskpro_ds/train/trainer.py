@@ -107,7 +107,7 @@ class Trainer:
                                 cache_samples=cfg.mask.cache_samples, kernels=cfg.mask.kernels,
                                 draws=self.estimator.draws_per_rank)
         self.prior_identity = self._init_prior()
-        self.credit = LayerCredit(self.store, cfg.train.layer_credit) if cfg.train.layer_credit > 0 else None
+        self.credit = LayerCredit.from_config(self.store, cfg.train)
         install_masked_forward(self.targets, self.store.mask_for_forward, self.credit)
         self.forward = MaskedForward(self.engine, self.store)
         self.estimator.bind(self.store.group_ranges())
@@ -237,8 +237,8 @@ class Trainer:
             f0_each = self.baseline.get(ids)
         else:
             f0_each = self.forward.losses(tokens, PRIOR).double().cpu()
-        # layer credit is counted as one forward: it costs about one (docs/estimators.md)
-        self.forwards += k + (self.baseline is None) + (self.credit is not None)
+        # a layer-credit step is charged one forward (its measured cost: docs/estimators.md)
+        self.forwards += k + (self.baseline is None) + (self.credit is not None and self.credit.active(self.step_index))
         every = distributed.all_gather_floats(torch.cat([loss, f0_each.mean().reshape(1)]).to(self.info.device)).cpu()
         if not bool(torch.isfinite(every[:, k]).all()):
             self._stop_on_baseline(ids[~torch.isfinite(f0_each)].tolist())

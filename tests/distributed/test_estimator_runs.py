@@ -102,10 +102,11 @@ def test_layer_credit_two_ranks_match_reference(setup):
     """train.layer_credit on 2 ranks equals the reference, which recomputes each rank's slice rows and H
     from a plain model's inputs (slices that cut rows: tests/unit/test_layer_credit.py)."""
     run_dir = setup["root"] / "credit"
-    torchrun(2, train_args(CONFIG, train__run_dir=run_dir, train__layer_credit=2.0, **setup["common"]))
-    ref = reference(setup, STEPS, lr=20.0, layer_credit=2.0)
+    torchrun(2, train_args(CONFIG, train__run_dir=run_dir, train__layer_credit=2.0, train__layer_credit_every=2,
+                           **setup["common"]))
+    ref = reference(setup, STEPS, lr=20.0, layer_credit=2.0, layer_credit_every=2)
     assert_same_logits(logits_at(run_dir, STEPS), named(ref, ref.logits))
     plain = reference(setup, STEPS, lr=20.0)
     moved = max(float((a - b).abs().max()) for a, b in zip(ref.logits, plain.logits, strict=True))
     assert moved > 1e-2  # the credit changed the logits beyond rounding
-    assert forwards_logged(run_dir) == [num_rounds(16, 2, 2) + 2 * s for s in range(1, STEPS + 1)]
+    assert forwards_logged(run_dir) == [num_rounds(16, 2, 2) + s + (s + 1) // 2 for s in range(1, STEPS + 1)]
