@@ -1,12 +1,18 @@
 """Quality on real text: MaskPro from the Wanda and SparseGPT priors vs every one-shot prior.
 
-    python -m bench.quality                        # both runs, 1,500 steps each: ~2.2 h on 2 cores
-    python -m bench.quality --only sparsegpt --steps-sparsegpt 1500 --eval-dtype bf16   # one run
+    python -m bench.quality                        # both priors x seeds 0,1, 1,500 steps each
+    python -m bench.quality --only sparsegpt --seeds 0 --eval-dtype bf16   # one run
+    python -m bench.quality --override=--train.estimator=loo --override=--train.masks_per_step=2
 
 SmolLM2-135M-Instruct, all 210 decoder Linears at 2:4, 2 DeepSpeed ZeRO-3 CPU ranks. The held-out
 Wikipedia articles are split once more: the last 5 articles are the validation text that keep-best
 uses during training, the first 16 the test text reported here, so checkpoint selection never sees
-the reported tokens. Every stage resumes where it stopped (rerun the same command).
+the reported tokens. Every stage resumes where it stopped (rerun the same command); a training run
+that was continued by a later command is recorded as ``uninterrupted: false`` (its figure is a
+sketch, not a result), and so is the summary if any run was. Each (prior, seed) is its own run;
+the summary has every seed's figure and their median, the forwards per rank each run used, the
+commit each run started at, and the one-shot rows users compare with: magnitude, Wanda, SparseGPT
+mask only, and SparseGPT with its weight update ("weights changed").
 Writes bench/results/quality.json (+ PNG curves under each run directory; docs/results.md holds the table).
 """
 
@@ -14,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
+from bench.provenance import cpu_name, git_commit
 from maskpro_ds.demo.assets import prepare_demo, split_articles
 from maskpro_ds.demo.run import DemoSizes, evaluate, export, make_priors, train
 from maskpro_ds.formats.compute_dtype import resolve_dtype
@@ -58,6 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-dtype", default="auto", help="fp32 | bf16 | auto")
     p.add_argument("--threads", type=int, default=2, help="threads for the evaluation")
     p.add_argument("--only", choices=["wanda", "sparsegpt"], help="train only from this prior")
+    p.add_argument("--seeds", default="0,1", help="comma list of train.seed values, one run each per prior")
+    p.add_argument("--override", action="append", default=[],
+                   help="a trainer override for every run, e.g. --override=--train.masks_per_step=2 (repeatable)")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-train", action="store_true", help="evaluate what exists (e.g. while a run continues)")
     p.add_argument("--variants", default="", help="comma list of variants to evaluate now (default: all)")
@@ -69,34 +80,41 @@ def main(argv=None) -> int:
     assets = prepare_demo(REPO / ".cache" / "demo")
     test, val = split_heldout(assets.heldout_text, out)
     sizes = DemoSizes(lr=args.lr, dtype=args.train_dtype, eval_tokens=args.eval_tokens, num_samples=512)
-    priors = make_priors(assets.model_dir, assets.calib_text, out / "priors", sizes)
+    priors = make_priors(assets.model_dir, assets.calib_text, out / "priors", sizes, sparsegpt_weights=True)
     runs = {"wanda": args.steps_wanda, "sparsegpt": args.steps_sparsegpt}
     lrs = {"wanda": args.lr, "sparsegpt": args.lr if args.lr_sparsegpt is None else args.lr_sparsegpt}
     if args.only:
         runs = {args.only: runs[args.only]}
+    seeds = [int(x) for x in args.seeds.split(",") if x]
     wall = {}
-    for k, (prior, steps) in enumerate(() if args.skip_train else runs.items()):
-        run_dir = out / f"maskpro_from_{prior}"
-        t0 = time.time()
-        extra = [f"--train.advantage_norm={args.advantage_norm}", f"--train.eval_every={args.eval_every}",
-                 f"--train.eval_source={val}", "--train.eval_tokens=8192", "--train.max_deviation=0.02",
-                 f"--checkpoint.every={args.eval_every}"]
-        train(assets.model_dir, assets.calib_text, priors[prior], run_dir,
-              DemoSizes(steps=steps, lr=lrs[prior], dtype=args.train_dtype, num_samples=512), extra=extra, port=29590 + k)
-        best = run_dir / "checkpoints" / "best"
-        export(best if best.is_file() else run_dir / "checkpoints" / "latest", assets.model_dir,
-               out / f"export_{prior}", formats="mask")
-        wall[prior] = time.time() - t0
-        from maskpro_ds.demo.plots import plot_run
+    port = 29590
+    for seed in seeds:  # seeds outermost: a session that ends early still has both priors at one seed
+        for prior, steps in (() if args.skip_train else runs.items()):
+            name = f"{prior}_seed{seed}"
+            run_dir = out / f"maskpro_from_{prior}" / f"seed{seed}"
+            record_start(run_dir, steps, args.override)
+            t0 = time.time()
+            extra = [f"--train.advantage_norm={args.advantage_norm}", f"--train.eval_every={args.eval_every}",
+                     f"--train.eval_source={val}", "--train.eval_tokens=8192", "--train.max_deviation=0.02",
+                     f"--checkpoint.every={args.eval_every}", f"--train.seed={seed}", *args.override]
+            train(assets.model_dir, assets.calib_text, priors[prior], run_dir,
+                  DemoSizes(steps=steps, lr=lrs[prior], dtype=args.train_dtype, num_samples=512), extra=extra, port=port)
+            port += 1
+            best = run_dir / "checkpoints" / "best"
+            export(best if best.is_file() else run_dir / "checkpoints" / "latest", assets.model_dir,
+                   out / f"export_{name}", formats="mask")
+            wall[name] = time.time() - t0
+            from maskpro_ds.demo.plots import plot_run
 
-        plot_run(run_dir)
+            plot_run(run_dir)
     if args.skip_eval:
         return 0
     eval_sizes = DemoSizes(dtype=args.eval_dtype, eval_tokens=args.eval_tokens)
     variants = {"dense": None, "magnitude": priors["magnitude"], "wanda": priors["wanda"],
-                "sparsegpt": priors["sparsegpt"]}
-    for prior in runs:
-        variants[f"maskpro_from_{prior}"] = out / f"export_{prior}" / "mask"
+                "sparsegpt": priors["sparsegpt"], "sparsegpt_weights": priors["sparsegpt_weights"]}
+    for seed in seeds:
+        for prior in runs:
+            variants[f"maskpro_from_{prior}_seed{seed}"] = out / f"export_{prior}_seed{seed}" / "mask"
     wanted = set(args.variants.split(",")) if args.variants else set(variants)
     results = {}
     for name, mask in variants.items():  # each result cached per variant, so evaluation resumes too
@@ -105,7 +123,7 @@ def main(argv=None) -> int:
                "dtype": args.eval_dtype}
         if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
             results[name] = json.loads(cached.read_text())["result"]
-        elif name in wanted:
+        elif name in wanted and (mask is None or mask.is_dir()):
             results[name] = evaluate(assets.model_dir, test, {name: mask}, eval_sizes, threads=args.threads)[name]
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps({"key": key, "result": results[name]}) + "\n")
@@ -115,31 +133,60 @@ def main(argv=None) -> int:
     ppl = {k: v["ppl"] for k, v in results.items()}
     summary = {
         "seqlen": eval_sizes.eval_seqlen, "eval_tokens": results["dense"]["tokens_used"], "eval_dtype": args.eval_dtype,
-        "ppl": ppl, "steps": {}, "lr": {}, "advantage_norm": args.advantage_norm,
-        "train_dtype": args.train_dtype, "samples": sizes.num_samples, "train_seqlen": sizes.seqlen,
-        "batch_per_rank": sizes.batch_size, "ranks": 2, "wall_s": wall, "train_minutes": {},
+        "ppl": ppl, "seeds": seeds, "runs": {}, "lr": lrs, "advantage_norm": args.advantage_norm,
+        "overrides": args.override, "train_dtype": args.train_dtype, "samples": sizes.num_samples,
+        "train_seqlen": sizes.seqlen, "batch_per_rank": sizes.batch_size, "ranks": 2, "wall_s": wall,
+        "weights_changed_row": "sparsegpt_weights", "git_commit": git_commit() or "unknown", "cpu": cpu_name(),
         "command": "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    for prior in runs:  # what was actually trained (a run may be stopped early and exported from best)
-        export_info = json.loads((out / f"export_{prior}" / "export.json").read_text())
-        records = [json.loads(line) for line in (out / f"maskpro_from_{prior}" / "metrics.jsonl").read_text().splitlines()]
-        last = records[-1]
-        # time spent in training steps (a run resumed across sessions has gaps its timestamps would count)
-        summary["train_minutes"][prior] = round(sum(r.get("train/step_time_s", 0.0) for r in records) / 60, 1)
-        summary.setdefault("trained", {})[prior] = {"exported_step": export_info["source"].get("step"),
-                                                   "last_step": last["step"], "lr_used": last.get("train/lr")}
-        # the figures that describe the reported masks: the exported step and the lr the run ended on
-        summary["steps"][prior] = export_info["source"].get("step")
-        summary["lr"][prior] = last.get("train/lr")
-    for prior in runs:
-        key = f"maskpro_from_{prior}"
-        summary[f"{key}_vs_prior"] = ppl[key] / ppl[prior] - 1
-        summary[f"{key}_gap_closed"] = (ppl[prior] - ppl[key]) / (ppl[prior] - ppl["dense"])
+    for seed in seeds:
+        for prior in runs:
+            summary["runs"][f"{prior}_seed{seed}"] = run_summary(out, prior, seed, ppl)
+    every = list(summary["runs"].values())
+    summary["uninterrupted"] = all(r["uninterrupted"] for r in every)
+    summary["forwards_per_rank"] = max(r["forwards_per_rank"] for r in every)
+    summary["median"] = {f"maskpro_from_{prior}_vs_prior": statistics.median(
+        summary["runs"][f"{prior}_seed{seed}"]["vs_prior"] for seed in seeds) for prior in runs}
+    summary["median_gap_closed"] = {f"maskpro_from_{prior}": statistics.median(
+        summary["runs"][f"{prior}_seed{seed}"]["gap_closed"] for seed in seeds) for prior in runs}
     (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (REPO / "bench" / "results" / "quality.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     return 0
 
+
+def record_start(run_dir: Path, steps: int, overrides: list[str]) -> None:
+    """Mark a run fresh when this command starts it, or continued when an earlier command had started it
+    and it is not finished: a continued run is not an uninterrupted result."""
+    marker = run_dir / "bench_run.json"
+    finished = (run_dir / "checkpoints" / f"step-{steps:06d}" / "manifest.json").is_file()
+    if not run_dir.exists():
+        run_dir.mkdir(parents=True)
+        marker.write_text(json.dumps({"uninterrupted": True, "git_commit": git_commit() or "unknown",
+                                      "started": time.time(), "overrides": overrides}) + "\n")
+    elif not finished:
+        info = json.loads(marker.read_text()) if marker.is_file() else {"git_commit": "unknown"}
+        info.update(uninterrupted=False, continued=info.get("continued", 0) + 1)
+        marker.write_text(json.dumps(info) + "\n")
+
+
+def run_summary(out: Path, prior: str, seed: int, ppl: dict[str, float]) -> dict:
+    """One run's figures: its ppl against its prior, the exported step, forwards per rank, provenance."""
+    name, run_dir = f"maskpro_from_{prior}_seed{seed}", out / f"maskpro_from_{prior}" / f"seed{seed}"
+    export_info = json.loads((out / f"export_{prior}_seed{seed}" / "export.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    marker = run_dir / "bench_run.json"
+    info = json.loads(marker.read_text()) if marker.is_file() else {"uninterrupted": False, "git_commit": "unknown"}
+    return {
+        "ppl": ppl[name], "prior_ppl": ppl[prior], "vs_prior": ppl[name] / ppl[prior] - 1,
+        "gap_closed": (ppl[prior] - ppl[name]) / (ppl[prior] - ppl["dense"]),
+        "exported_step": export_info["source"].get("step"), "last_step": records[-1]["step"],
+        "lr_used": records[-1].get("train/lr"),
+        "forwards_per_rank": int(max(r.get("train/forwards", 0) for r in records)),
+        # time in training steps (a continued run has gaps its timestamps would count)
+        "train_minutes": round(sum(r.get("train/step_time_s", 0.0) for r in records) / 60, 1),
+        "uninterrupted": bool(info.get("uninterrupted")), "git_commit": info.get("git_commit"),
+    }
 
 if __name__ == "__main__":
     sys.exit(main())
