@@ -72,22 +72,51 @@ OPTIONS: dict[str, tuple[str, float, list[str]]] = {
                        "--train.adaptive_eps=0.01"]),
     "adaptive1_rms": ("the tracker plus per-logit second-moment steps, one mask per rank", 0.04,
                       ["--train.estimator=adaptive", "--train.advantage_norm=rms", "--train.adaptive_eps=0.01"]),
+    "credit4_rms": ("tracker_rms plus layer-local credit (lambda 1e4) every 4th step, charged its measured cost",
+                    1.5, ["--train.advantage_norm=rms", "--train.layer_credit=1e4", "--train.layer_credit_every=4"]),
     "loo2_rms_c8": ("loo2_rms from C = 8 (more exploration: ~7x the deviations of C = 10)", 3.0,
                     ["--train.estimator=loo", "--train.masks_per_step=2", "--train.advantage_norm=rms",
                      "--mask.init_scale=8"]),
 }
 
 
-def forwards_per_step(overrides: list[str]) -> int:
-    """K (``--train.masks_per_step``, default 1), plus 1 with the online baseline."""
-    k = 1
+# What a layer-credit step costs in forwards of this bench's shape (4 x 128 tokens per rank), measured
+# on SmolLM2 (docs/estimators.md: 0.41 s per block against 0.076 s of forward per block). The trainer
+# charges each credit step one forward; the bench charges this instead, in the plan and in every
+# figure it reports, and records what the run itself measured beside it.
+CREDIT_COST = 5.4
+
+
+def override(overrides: list[str], key: str, default: str) -> str:
+    """The value of ``--key=value`` in ``overrides`` (the last one wins), else ``default``."""
+    value = default
     for item in overrides:
-        if item.startswith("--train.masks_per_step="):
-            k = int(item.split("=", 1)[1])
-    return k + any(item == "--train.baseline=online" for item in overrides)
+        if item.startswith(f"--{key}="):
+            value = item.split("=", 1)[1]
+    return value
 
 
-def plan(budget: int, samples: int, fps: int, eval_forwards: int) -> tuple[int, int]:
+def credit_every(overrides: list[str]) -> int:
+    """k of train.layer_credit_every when the option turns the layer credit on, else 0."""
+    return int(override(overrides, "train.layer_credit_every", "1")) if float(
+        override(overrides, "train.layer_credit", "0")) > 0 else 0
+
+
+def forwards_per_step(overrides: list[str]) -> float:
+    """K (``--train.masks_per_step``, default 1), plus 1 with the online baseline, plus the layer
+    credit's charged cost spread over its steps."""
+    k = int(override(overrides, "train.masks_per_step", "1"))
+    every = credit_every(overrides)
+    return k + any(item == "--train.baseline=online" for item in overrides) + (CREDIT_COST / every if every else 0.0)
+
+
+def charged(forwards: float, step: int, overrides: list[str]) -> float:
+    """The trainer's count of forwards after ``step`` steps, with each credit step charged CREDIT_COST."""
+    every = credit_every(overrides)
+    return forwards + ((CREDIT_COST - 1.0) * -(-step // every) if every else 0.0)
+
+
+def plan(budget: int, samples: int, fps: float, eval_forwards: int) -> tuple[int, int]:
     """(steps, eval_every): the most steps whose forwards fit the budget, a whole number of evaluation
     intervals of about ``eval_forwards`` forwards each."""
     left = budget - num_rounds(samples, RANKS, BATCH)
@@ -96,7 +125,7 @@ def plan(budget: int, samples: int, fps: int, eval_forwards: int) -> tuple[int, 
                          f"{num_rounds(samples, RANKS, BATCH)} forwards per rank; nothing is left for a step "
                          "(raise --forwards or lower --samples)")
     every = max(1, round(eval_forwards / fps))
-    steps = left // fps
+    steps = int(left // fps)
     return (steps // every) * every or steps, min(every, steps)
 
 
@@ -112,19 +141,28 @@ def make_prior(assets, method: str, out: Path, calib_samples: int) -> Path:
     return target
 
 
-def read_curve(run_dir: Path) -> tuple[list[list[float]], int, int]:
-    """([[forwards, val ppl], ...], last step, forwards at the last step) from a run's metrics.jsonl."""
-    curve, step, forwards = [], 0, 0
+def read_curve(run_dir: Path, overrides: list[str]) -> tuple[list[list[float]], int, float, float | None]:
+    """([[forwards, val ppl], ...], last step, forwards at the last step, measured credit cost) from a run's
+    metrics.jsonl, forwards as charged (:func:`charged`). The measured cost: the mean time of credit
+    steps over that of the other steps, minus one, plus the one forward the step runs anyway."""
+    curve, step, forwards = [], 0, 0.0
+    times: dict[bool, list[float]] = {True: [], False: []}
+    every = credit_every(overrides)
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if "eval/ppl" in record:
-            curve.append([int(record["train/forwards"]), record["eval/ppl"]])
+            curve.append([charged(float(record["train/forwards"]), record["step"], overrides), record["eval/ppl"]])
         if "train/forwards" in record:
-            step, forwards = record["step"], int(record["train/forwards"])
-    return curve, step, forwards
+            step, forwards = record["step"], charged(float(record["train/forwards"]), record["step"], overrides)
+        if every and "train/step_time_s" in record:
+            times[(record["step"] - 1) % every == 0].append(record["train/step_time_s"])
+    measured = None
+    if times[True] and times[False]:
+        measured = statistics.median(times[True]) / statistics.median(times[False])
+    return curve, step, forwards, measured
 
 
 def run_option(name: str, seed: int, args, assets, prior: Path, val: Path, out: Path, mode: str) -> dict:
@@ -152,12 +190,14 @@ def run_option(name: str, seed: int, args, assets, prior: Path, val: Path, out: 
           DemoSizes(steps=steps, lr=lr, advantage_norm="none", dtype=args.dtype, num_samples=args.samples,
                     batch_size=BATCH, seqlen=SEQLEN),
           extra=extra)
-    curve, last_step, forwards = read_curve(run_dir)
+    curve, last_step, forwards, credit_measured = read_curve(run_dir, overrides)
     result = {"name": name, "seed": seed, "forwards": forwards, "val_ppl": curve, "steps": last_step,
               "forwards_per_step": fps, "lr": lr, "overrides": overrides, "what": what, "mode": mode,
               "budget": args.forwards, "uninterrupted": not interrupted, "wall_s": round(time.time() - t0, 1),
               "final_val_ppl": curve[-1][1] if curve else None, "prior_val_ppl": curve[0][1] if curve else None,
               "train_dtype": args.dtype, "git_commit": git_commit() or "unknown", "cpu": cpu_name()}
+    if credit_every(overrides):
+        result.update(credit_cost_charged=CREDIT_COST, credit_step_time_ratio=credit_measured)
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
