@@ -119,13 +119,13 @@ class ArtifactMasks:
     def block(self, name: str, r0: int, r1: int, kernel: BlockKernel, weights: np.ndarray | None) -> tuple:
         """(keep uint8 ``[r1 - r0, in]``, packed bits as stored, the pruned ``weights`` or None, None) of
         rows ``[r0, r1)``, after checking every group is strict N:M."""
+        in_f = self.shapes[name][1]
         packed = self._reader.read_rows(self.packed[name], r0, r1).numpy()
-        keep = kernel.keep_from_packed(packed, self.shapes[name][1])
+        keep = kernel.keep_from_packed(packed, in_f)
         bad = kernel.violations(keep)
         if bad:
             raise ValueError(f"{self.path}: layer {name} is not strict {self.n}:{self.m} in {bad} groups of rows "
                              f"{r0}..{r1}; refusing to export it")
-        in_f = self.shapes[name][1]
         if in_f % 8:  # repack: the stored padding bits of a row's last byte are not ours to copy
             packed = kernel.pack(keep)
         return keep, packed, None if weights is None else kernel.prune(weights, keep), None
