@@ -74,6 +74,8 @@ OPTIONS: dict[str, tuple[str, float, list[str]]] = {
                       ["--train.estimator=adaptive", "--train.advantage_norm=rms", "--train.adaptive_eps=0.01"]),
     "credit4_rms": ("tracker_rms plus layer-local credit (lambda 1e4) every 4th step, charged its measured cost",
                     1.5, ["--train.advantage_norm=rms", "--train.layer_credit=1e4", "--train.layer_credit_every=4"]),
+    "credit4_weak_rms": ("credit4_rms at a fifth of lambda (2e3): at 1e4 it helped for 6 credit steps, then hurt",
+                         1.5, ["--train.advantage_norm=rms", "--train.layer_credit=2e3", "--train.layer_credit_every=4"]),
     "loo2_rms_c8": ("loo2_rms from C = 8 (more exploration: ~7x the deviations of C = 10)", 3.0,
                     ["--train.estimator=loo", "--train.masks_per_step=2", "--train.advantage_norm=rms",
                      "--mask.init_scale=8"]),
