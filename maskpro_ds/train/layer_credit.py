@@ -93,15 +93,15 @@ class LayerCredit:
         if mode.step != self._step:  # a new step: what a skipped step collected is dropped
             self._grads.clear()
             self._step = mode.step
+        logits = self.store.logits[layer].contiguous()  # the store keeps them transposed
+        if logits.shape[0] == 0:  # this rank owns no group of the layer: no H to form
+            return
         # q, k and v (gate and up) read the same tensor: one H for them. Holding the tensor keeps its
         # memory from being reused by a later input, so identity cannot match a different one.
         if self._gram is None or self._gram[0] is not x:
             self._gram = (x, gram(x))
         in_f = self.store.shapes[layer][1]
         r0, r1, offset = owned_rows(self.store, layer)
-        logits = self.store.logits[layer].contiguous()  # the store keeps them transposed
-        if logits.shape[0] == 0:
-            return
         kept = rows_of_packed(packed_mask, in_f, r0, r1)
         self._grads[layer] = row_gradient(weight[r0:r1], self._gram[1], logits, kept, offset, self.store.m)
 
