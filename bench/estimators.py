@@ -76,8 +76,9 @@ OPTIONS: dict[str, tuple[str, float, list[str]]] = {
                     1.5, ["--train.advantage_norm=rms", "--train.layer_credit=1e4", "--train.layer_credit_every=4"]),
     "credit4_weak_rms": ("credit4_rms at a fifth of lambda (2e3): at 1e4 it helped for 6 credit steps, then hurt",
                          1.5, ["--train.advantage_norm=rms", "--train.layer_credit=2e3", "--train.layer_credit_every=4"]),
-    "swap_rms": ("layer-wise warm start (the swap search from the prior, its wall time charged in forwards), "
-                 "then tracker_rms", 1.5, ["--train.advantage_norm=rms"]),
+    "swap_rms": ("layer-wise warm start (the trainer's mask.warm_start = swap from the prior, 128 windows, its "
+                 "wall time charged in forwards), then tracker_rms", 1.5,
+                 ["--train.advantage_norm=rms", "--mask.warm_start=swap", "--mask.warm_start_samples=128"]),
     "loo2_rms_c8": ("loo2_rms from C = 8 (more exploration: ~7x the deviations of C = 10)", 3.0,
                     ["--train.estimator=loo", "--train.masks_per_step=2", "--train.advantage_norm=rms",
                      "--mask.init_scale=8"]),
@@ -91,13 +92,16 @@ OPTIONS: dict[str, tuple[str, float, list[str]]] = {
 CREDIT_COST = 5.4
 
 
-# Options whose run starts from a layer-wise warm start instead of the prior itself: the swap search
-# (priors/swap.py: the closed-form layer objective of docs/method.md minimised group by group) from the
-# bench's prior mask, on the prior's own calibration tokens, in this process. Its whole wall time is
-# charged as forwards: divided by the run's median step time (a step is a forward plus 4% of sampling
-# and update), measured in the run itself. The plan keeps WARM_RESERVE forwards of the budget for it.
-WARM_STARTS = {"swap_rms": "swap"}
-WARM_RESERVE = 36
+# Options with ``--mask.warm_start``: the trainer runs the swap search (priors/warm_start.py) before
+# its first step and counts the search's calibration forwards; the bench charges the warm start's
+# whole wall time instead (calibration forwards and search, logged as warm_start/seconds), divided by
+# the run's median step time (a step is a forward plus 4% of sampling and update). The plan keeps
+# WARM_RESERVE forwards of the budget for it; a longer warm start shows as forwards over the budget.
+WARM_RESERVE = 50
+
+
+def warm_started(overrides: list[str]) -> bool:
+    return override(overrides, "mask.warm_start", "none") != "none"
 
 
 def override(overrides: list[str], key: str, default: str) -> str:
@@ -154,40 +158,18 @@ def make_prior(assets, method: str, out: Path, calib_samples: int) -> Path:
     return target
 
 
-def warm_start(assets, prior: Path, out: Path, calib_samples: int) -> tuple[Path, float]:
-    """(the swap mask searched from ``prior``, the search's wall seconds), made once and cached."""
-    from maskpro_ds.priors.base import PriorSpec
-    from maskpro_ds.priors.make import make_prior as make
-    from maskpro_ds.priors.swap import SwapPriorOptions
-
-    target = out / f"swap_from_{prior.name}"
-    timing = target / "bench_wall.json"
-    if not timing.is_file():
-        print(f"warm start: swap from {prior} ({calib_samples} x 128 calibration tokens) -> {target}", flush=True)
-        t0 = time.time()
-        make(PriorSpec(model=str(assets.model_dir), method="swap", out=str(target), calib=str(assets.calib_text),
-                       nsamples=calib_samples, seqlen=128, force=True, options=SwapPriorOptions(swap_start=str(prior))))
-        timing.write_text(json.dumps({"wall_s": round(time.time() - t0, 2), "threads": torch_threads()}) + "\n")
-    return target, json.loads(timing.read_text())["wall_s"]
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def median_step_time(run_dir: Path) -> float | None:
-    """The median ``train/step_time_s`` of a run (None when the metrics have none)."""
-    times = []
+def warm_start_record(run_dir: Path) -> tuple[dict, float | None]:
+    """(the run's warm_start/* metrics, its median ``train/step_time_s``)."""
+    warm, times = {}, []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        warm.update({k: v for k, v in record.items() if k.startswith("warm_start/")})
         if "train/step_time_s" in record:
             times.append(record["train/step_time_s"])
-    return statistics.median(times) if times else None
+    return warm, (statistics.median(times) if times else None)
 
 
 def read_curve(run_dir: Path, overrides: list[str]) -> tuple[list[list[float]], int, float, float | None]:
@@ -227,10 +209,7 @@ def run_option(name: str, seed: int, args, assets, prior: Path, val: Path, out: 
         shutil.rmtree(run_dir)
         interrupted = False
     fps = forwards_per_step(overrides)
-    start, warm_wall = prior, None
-    if name in WARM_STARTS:
-        start, warm_wall = warm_start(assets, prior, out / "priors", args.calib_samples)
-    reserve = WARM_RESERVE if name in WARM_STARTS else 0
+    reserve = WARM_RESERVE if warm_started(overrides) else 0
     steps, eval_every = plan(args.forwards - reserve, args.samples, fps, args.eval_forwards)
     extra = [*overrides, f"--train.seed={seed}", f"--train.eval_every={eval_every}", f"--train.eval_source={val}",
              f"--train.eval_tokens={args.eval_tokens}", "--train.eval_at_start=true",
@@ -239,20 +218,22 @@ def run_option(name: str, seed: int, args, assets, prior: Path, val: Path, out: 
           f"lr {lr}, eval every {eval_every} steps -> {run_dir}", flush=True)
     t0 = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    train(assets.model_dir, assets.calib_text, start, run_dir,
+    train(assets.model_dir, assets.calib_text, prior, run_dir,
           DemoSizes(steps=steps, lr=lr, advantage_norm="none", dtype=args.dtype, num_samples=args.samples,
                     batch_size=BATCH, seqlen=SEQLEN),
           extra=extra)
     curve, last_step, forwards, credit_measured = read_curve(run_dir, overrides)
     warm = None
-    if warm_wall is not None:
-        step_s = median_step_time(run_dir)
-        charge = warm_wall / step_s
-        warm = {"method": WARM_STARTS[name], "wall_s": warm_wall, "step_time_s": step_s,
-                "charged_forwards": round(charge, 1), "val_ppl": curve[0][1] if curve else None}
-        curve = [[round(f + charge, 1), ppl] for f, ppl in curve]
-        forwards = round(forwards + charge, 1)
-        prior_val = prior_val_ppl(args, mode)
+    if warm_started(overrides):
+        record, step_s = warm_start_record(run_dir)
+        charge = record["warm_start/seconds"] / step_s
+        warm = {"wall_s": record["warm_start/seconds"], "step_time_s": step_s, "charged_forwards": round(charge, 1),
+                "counted_forwards": record["warm_start/forwards"],
+                "groups_changed": record.get("warm_start/groups_changed"), "val_ppl": curve[0][1] if curve else None}
+        shift = charge - record["warm_start/forwards"]  # the trainer counted the calibration forwards only
+        curve = [[round(f + shift, 1), ppl] for f, ppl in curve]
+        forwards = round(forwards + shift, 1)
+        prior_val = prior_val_ppl(args)
         if prior_val is not None:
             curve.insert(0, [0.0, prior_val])
     result = {"name": name, "seed": seed, "forwards": forwards, "val_ppl": curve, "steps": last_step,
@@ -268,14 +249,14 @@ def run_option(name: str, seed: int, args, assets, prior: Path, val: Path, out: 
     return result
 
 
-def prior_val_ppl(args, mode: str) -> float | None:
+def prior_val_ppl(args) -> float | None:
     """The prior's validation perplexity as the runs without a warm start measured it (the same for
     every option and seed: one mask, one text), from the results file; None before any such run."""
     results = Path(args.results)
     if not results.is_file():
         return None
     for e in json.loads(results.read_text())["options"]:
-        if e["name"] not in WARM_STARTS and e.get("train_dtype") == args.dtype and e.get("prior_val_ppl"):
+        if not warm_started(e.get("overrides", [])) and e.get("train_dtype") == args.dtype and e.get("prior_val_ppl"):
             return e["prior_val_ppl"]
     return None
 

@@ -99,6 +99,12 @@ class MaskConfig:
     """N:M pattern: N kept in every group of M consecutive weights along the input dim."""
     prior: str = ""
     """Mask artifact directory (tools/make_prior.py) giving m0; empty = magnitude prior computed in place."""
+    warm_start: Literal["none", "swap"] = "none"
+    """Before the first step: swap = the layer-wise swap search from this prior (or magnitude) on
+    warm_start_samples windows of data.source, then train from its mask (priors/warm_start.py; the
+    shipped configs' choice, docs/estimators.md); none = train from the prior itself."""
+    warm_start_samples: int = 128
+    """Calibration windows (of data.seqlen tokens) of the warm start's search."""
     init_scale: float = 10.0
     """C in pi0 = C * m0. Controls exploration: C=10 deviates ~1.4e-4 of groups per sample, C=5 ~2e-2."""
     cache_samples: bool = True
@@ -249,6 +255,7 @@ class Config:
         _positive("data.num_samples", self.data.num_samples)
         _positive("data.batch_size", self.data.batch_size)
         _positive("mask.init_scale", self.mask.init_scale)
+        _positive("mask.warm_start_samples", self.mask.warm_start_samples)
         _positive("checkpoint.every", self.checkpoint.every)
         _positive("checkpoint.keep_last", self.checkpoint.keep_last)
         _positive("metrics.log_every", self.metrics.log_every)

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from maskpro_ds.priors.warm_start import run_warm_start
     from maskpro_ds.train.checkpoint import CheckpointWriteError
     from maskpro_ds.train.run_lock import RunLocked
     from maskpro_ds.train.trainer import NothingToTrain, Trainer, TrainingStopped
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         resume = args.resume or (args.auto_resume and preemption.has_checkpoint(cfg.train.run_dir))
-        trainer = Trainer(cfg, resume=resume, allow_mismatch=allow_mismatch)
+        trainer = Trainer(cfg, resume=resume, allow_mismatch=allow_mismatch, warm_start=run_warm_start)
         trainer.train()
     except preemption.Preempted as e:
         logging.getLogger("maskpro_ds").warning("%s", e)

@@ -41,16 +41,20 @@ class RowSplit:
 
     rank: int = 0
     world: int = 1
+    owns_group: bool = False  # this split created the process group (a prior run), not a trainer's
 
     @classmethod
     def from_launcher(cls) -> RowSplit:
         """Join the launcher's process group when there is more than one rank."""
         if launched_world_size() == 1:
             return cls()
+        import torch.distributed
+
         from maskpro_ds.distributed import init_distributed
 
+        joined = torch.distributed.is_initialized()  # the trainer's warm start runs inside its group
         info = init_distributed()
-        return cls(rank=info.rank, world=info.world_size)
+        return cls(rank=info.rank, world=info.world_size, owns_group=not joined)
 
     @property
     def is_main(self) -> bool:
@@ -134,8 +138,8 @@ class RowSplit:
         return result
 
     def close(self) -> None:
-        """Leave the process group (multi-rank runs only)."""
-        if self.world > 1:
+        """Leave the process group if this split created it (multi-rank prior runs only)."""
+        if self.world > 1 and self.owns_group:
             from maskpro_ds.distributed import destroy
 
             destroy()

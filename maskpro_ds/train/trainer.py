@@ -36,8 +36,6 @@ from maskpro_ds.data.samples import build_samples
 from maskpro_ds.data.schedule import BatchSchedule
 from maskpro_ds.formats.atomic import atomic_write_text
 from maskpro_ds.formats.hashing import model_fingerprint, save_fingerprint_cache
-from maskpro_ds.formats.mask_artifact import read_mask_artifact
-from maskpro_ds.masks.nm import magnitude_prior
 from maskpro_ds.masks.policy import mask_entropy
 from maskpro_ds.models.hf_dir import check_model_dir
 from maskpro_ds.models.targets import select_targets
@@ -50,11 +48,12 @@ from maskpro_ds.train.lr_guard import GuardStop, LrGuard
 from maskpro_ds.train.mask_modes import PRIOR, SampleMode
 from maskpro_ds.train.metrics import MetricsLogger, ProgressBar
 from maskpro_ds.train.periodic_eval import heldout_windows, masked_perplexity
+from maskpro_ds.train.prior_init import init_from_prior
 from maskpro_ds.train.resume_checks import RunIdentity, check_resume
 from maskpro_ds.train.run_lock import lock_run_dir
 from maskpro_ds.train.step_size import lr_factor
 from maskpro_ds.train.zero_model import build_ds_config, install_masked_forward, load_partitioned_model
-from maskpro_ds.train.zero_utils import full_numel, gathered, is_released, local_numel, zero_partition
+from maskpro_ds.train.zero_utils import full_numel, is_released, local_numel, zero_partition
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +67,11 @@ class NothingToTrain(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, allow_mismatch: frozenset[str] = frozenset()):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, resume: bool = False, allow_mismatch: frozenset[str] = frozenset(),
+                 warm_start=None):
+        """``warm_start``: runs mask.warm_start (cli/train.py passes priors/warm_start.py's run_warm_start;
+        train/ does not import priors/, its peer)."""
+        self.cfg, self.run_warm_start = cfg, warm_start
         self.info = distributed.init_distributed(cfg.zero.backend, cfg.zero.timeout_s)
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -106,7 +108,16 @@ class Trainer:
                                 self.info.rank, self.info.world_size, cfg.train.seed, device=self.info.device,
                                 cache_samples=cfg.mask.cache_samples, kernels=cfg.mask.kernels,
                                 draws=self.estimator.draws_per_rank)
-        self.prior_identity = self._init_prior()
+        self.warm = None  # the layer-wise warm start (priors/warm_start.py): its mask replaces mask.prior
+        if cfg.mask.warm_start != "none":
+            if self.run_warm_start is None:
+                raise ValueError(f"mask.warm_start = {cfg.mask.warm_start} runs only through the training CLI "
+                                 "(launchers/train.py, maskpro-train); set it to none here")
+            self.warm = self.run_warm_start(cfg, self.run_dir, self.info, self.samples.source_fingerprint,
+                                            self.base_fingerprint)
+        self.prior_path = str(self.warm.path) if self.warm else cfg.mask.prior
+        self.prior_identity = init_from_prior(cfg, self.store, self.targets, self.prior_path, self.info,
+                                              self.base_fingerprint)
         self.credit = LayerCredit.from_config(self.store, cfg.train)
         install_masked_forward(self.targets, self.store.mask_for_forward, self.credit)
         self.forward = MaskedForward(self.engine, self.store)
@@ -114,6 +125,7 @@ class Trainer:
         # The f(m0) pass costs num_rounds forwards per rank, once (a cache reused from disk included).
         precompute = cfg.train.baseline == "precompute"
         self.forwards = num_rounds(len(self.samples.ids), self.info.world_size, cfg.data.batch_size) if precompute else 0
+        self.forwards += self.warm.forwards if self.warm else 0
         self.guard = LrGuard(cfg.train.lr, cfg.train.max_abs_advantage, cfg.train.max_deviation)
         self.step_index = 0
         self.bad_steps = 0
@@ -133,6 +145,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.metrics.tensorboard,
                                      jsonl=cfg.metrics.jsonl)
         self.metrics.truncate_after(self.step_index)
+        if self.warm and not self.resumed:
+            self.metrics.log(0, self.warm.metrics())
         self.weight_digest_at_start = self._weight_digest()
 
     # ------------------------------------------------------------------ setup helpers
@@ -173,41 +187,6 @@ class Trainer:
         if not self.info.is_main:
             samples = build_samples(self.tokenizer, source, **kwargs)
         return samples
-
-    def _init_prior(self) -> str:
-        """π0 = C·m0 on every slice, m0 from the prior artifact or the magnitude of the weights."""
-        cfg, store = self.cfg, self.store
-        if cfg.mask.prior:
-            artifact = read_mask_artifact(cfg.mask.prior)
-            problem = None
-            if self.info.is_main:  # one rank hashes it; all learn the outcome
-                try:
-                    artifact.verify()
-                except ValueError as e:
-                    problem = f"mask.prior: {e}"
-            problem = distributed.broadcast_object(problem)
-            if problem:
-                raise ValueError(problem)
-            if (artifact.n, artifact.m) != (cfg.mask.n, cfg.mask.m):
-                raise ValueError(f"mask.prior {cfg.mask.prior} is {artifact.pattern}, but mask.pattern is {cfg.mask.pattern}")
-            artifact.check_base(self.base_fingerprint)
-        for index, target in enumerate(self.targets):
-            g0, g1 = store.local_range(index)
-            if cfg.mask.prior:
-                if target.name not in artifact.shapes:
-                    raise ValueError(f"mask.prior {cfg.mask.prior} has no mask for layer {target.name}; it was made "
-                                     "for another model or another target set")
-                if artifact.shapes[target.name] != target.shape:
-                    raise ValueError(f"mask.prior {cfg.mask.prior}: layer {target.name} has shape "
-                                     f"{list(artifact.shapes[target.name])}, the model has {list(target.shape)}; "
-                                     "the prior was made for another model")
-                mine = artifact.layer_mask(target.name).reshape(-1, cfg.mask.m)[g0:g1]
-            else:
-                with gathered([target.module.weight]):  # one layer; only this rank's groups are ranked
-                    mine = magnitude_prior(target.module.weight.detach().reshape(-1, cfg.mask.m)[g0:g1].cpu(),
-                                           cfg.mask.n, cfg.mask.m)
-            store.init_from_prior(index, mine, cfg.mask.init_scale)
-        return f"artifact:{artifact.path.resolve()}:{artifact.base_fingerprint}" if cfg.mask.prior else "magnitude"
 
     def _tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.samples.tokens[ids].to(self.info.device)

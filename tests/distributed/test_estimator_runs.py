@@ -110,3 +110,57 @@ def test_layer_credit_two_ranks_match_reference(setup):
     moved = max(float((a - b).abs().max()) for a, b in zip(ref.logits, plain.logits, strict=True))
     assert moved > 1e-2  # the credit changed the logits beyond rounding
     assert forwards_logged(run_dir) == [num_rounds(16, 2, 2) + s + (s + 1) // 2 for s in range(1, STEPS + 1)]
+
+
+def swap_reference_masks(setup, samples: int) -> dict[str, torch.Tensor]:
+    """The warm start's mask computed here, in one process: the swap prior from magnitude on the run's
+    text (the search gives the same bits for any rank count: tests/distributed/test_swap_ranks.py)."""
+    from maskpro_ds.priors.base import PriorSpec
+    from maskpro_ds.priors.make import compute_prior
+    from maskpro_ds.priors.swap import SwapPriorOptions
+
+    spec = PriorSpec(model=str(setup["model"]), method="swap", out=str(setup["root"] / "unused"),
+                     calib=str(setup["text"]), nsamples=samples, seqlen=32, exclude=["lm_head"], dtype="fp32",
+                     options=SwapPriorOptions(swap_start="magnitude"))
+    masks, _ = compute_prior(spec)
+    return masks
+
+
+def test_warm_start_two_ranks_match_reference_and_resume_reuses_it(setup):
+    """mask.warm_start = swap with rms advantages (the shipped configs' recipe) on 2 ranks, killed after
+    step 7 and resumed: the warm-start mask is the in-process swap search's, the search runs once, and
+    the resumed run equals the reference trained from that mask (the uninterrupted trajectory)."""
+    from maskpro_ds.formats.mask_artifact import read_mask_artifact
+    from maskpro_ds.masks.nm import magnitude_prior
+
+    run_dir = setup["root"] / "warm"
+    args = train_args(CONFIG, train__run_dir=run_dir, mask__warm_start="swap", mask__warm_start_samples=8,
+                      train__advantage_norm="rms", train__lr=1.5, **setup["common"])
+    proc = torchrun(2, args, env=base_env(MASKPRO_FAULT_STEP="7", MASKPRO_FAULT_RANK="1"), check=False)
+    assert proc.returncode != 0
+    warm_dirs = sorted(run_dir.glob("warm_start-*"))
+    assert len(warm_dirs) == 1
+    manifest = warm_dirs[0] / "mask_manifest.json"
+    written = manifest.stat().st_mtime_ns
+
+    swap = swap_reference_masks(setup, 8)
+    artifact = read_mask_artifact(warm_dirs[0])
+    for name, want in swap.items():
+        assert torch.equal(artifact.layer_mask(name), want), name
+    ref = ReferenceMaskPro(setup["model"], samples_tokens(setup), c=3.0, lr=1.5, batch_size=2, norm="rms",
+                           prior=swap)
+    changed = sum(int((magnitude_prior(w, 2, 4) != swap[name]).sum())  # ref.weights: the dense weights
+                  for (name, _), w in zip(ref.layers, ref.weights, strict=True))
+    assert changed > 0  # the search moved away from the magnitude start
+
+    torchrun(2, [*args, "--resume"])
+    assert sorted(run_dir.glob("warm_start-*")) == warm_dirs and manifest.stat().st_mtime_ns == written
+    for _ in range(STEPS):
+        ref.step(2)
+    assert_same_logits(logits_at(run_dir, STEPS), named(ref, ref.logits))
+    moved = [float((g - torch.round(g / 3.0) * 3.0).abs().max()) for g in ref.logits]
+    assert max(moved) > 1e-3  # learning happened
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and lines[0]["warm_start/forwards"] == 4  # 8 windows, batch 2
+    assert [x["train/lr"] for x in lines[1:]] == [1.5] * STEPS  # no guard trip: the reference's lr holds
+    assert [x["train/forwards"] for x in lines[1:]] == [num_rounds(16, 2, 2) + 4 + s for s in range(1, STEPS + 1)]
