@@ -4,8 +4,8 @@ per training run before the first step, whose mask the policy then starts from. 
 
 Why: from a one-shot prior the policy gradient buys quality slowly (docs/estimators.md: no estimator
 moved validation perplexity by more than 0.1% in 300 forwards from SparseGPT), while the layer-wise
-objective of docs/method.md ("The layer-wise objective"), ‖X (W ⊙ m − W)ᵀ‖² with H = XᵀX, is
-minimised group by group in minutes by priors/swap.py. Starting there, the learner spends its
+objective ‖X (W ⊙ m − W)ᵀ‖² (H = XᵀX; docs/priors_and_eval.md, "The swap prior") is minimised group
+by group in minutes by priors/swap.py. Starting there, the learner spends its
 forwards on what the layers cannot see alone: their interactions through the end-to-end loss.
 
 What it does: every rank runs the swap prior (priors/make.py, method swap, start = ``mask.prior``
