@@ -1,6 +1,7 @@
 """Quality on real text: MaskPro from the Wanda and SparseGPT priors vs every one-shot prior.
 
-    python -m bench.quality                        # both priors x seeds 0,1, 1,500 steps each
+    python -m bench.quality                        # both priors x seeds 0,1, the default recipe
+    python -m bench.quality --warm-start none --steps-wanda 1500 --steps-sparsegpt 1500   # the earlier recipe
     python -m bench.quality --only sparsegpt --seeds 0 --eval-dtype bf16   # one run
     python -m bench.quality --override=--train.estimator=loo --override=--train.masks_per_step=2
 
@@ -13,6 +14,12 @@ sketch, not a result), and so is the summary if any run was. Each (prior, seed) 
 the summary has every seed's figure and their median, the forwards per rank each run used, the
 commit each run started at, and the one-shot rows users compare with: magnitude, Wanda, SparseGPT
 mask only, and SparseGPT with its weight update ("weights changed").
+
+The default recipe is the shipped configs': the layer-wise warm start (``mask.warm_start = swap``,
+128 windows) from the prior, then rms-normalised advantages at lr 1.5, for 1,400 steps: with the
+f(m0) pass (64) and the warm start's 32 calibration forwards that is 1,496 forwards per rank, inside
+the 1,500 budget. The warm start's own mask is evaluated too (``warm_start_from_<prior>_seed<s>``),
+so the table shows what the layer-wise stage gives and what the policy gradient adds.
 Writes bench/results/quality.json (+ PNG curves under each run directory; docs/results.md holds the table).
 """
 
@@ -55,8 +62,9 @@ def _mask_identity(mask: Path | None) -> str | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "runs" / "quality"))
-    p.add_argument("--steps-wanda", type=int, default=1500)
-    p.add_argument("--steps-sparsegpt", type=int, default=1500)
+    p.add_argument("--steps-wanda", type=int, default=1400)
+    p.add_argument("--steps-sparsegpt", type=int, default=1400)
+    p.add_argument("--warm-start", default="swap", choices=["none", "swap"], help="mask.warm_start of every run")
     p.add_argument("--lr", type=float, default=1.5, help="step size with advantage_norm=rms (logit units per event)")
     p.add_argument("--lr-sparsegpt", type=float, default=None, help="step size for the SparseGPT run (default: --lr)")
     p.add_argument("--advantage-norm", default="rms")
@@ -94,7 +102,8 @@ def main(argv=None) -> int:
             run_dir = out / f"maskpro_from_{prior}" / f"seed{seed}"
             record_start(run_dir, steps, args.override)
             t0 = time.time()
-            extra = [f"--train.advantage_norm={args.advantage_norm}", f"--train.eval_every={args.eval_every}",
+            extra = [f"--mask.warm_start={args.warm_start}", f"--train.advantage_norm={args.advantage_norm}",
+                     f"--train.eval_every={args.eval_every}",
                      f"--train.eval_source={val}", "--train.eval_tokens=8192", "--train.max_deviation=0.02",
                      f"--checkpoint.every={args.eval_every}", f"--train.seed={seed}", *args.override]
             train(assets.model_dir, assets.calib_text, priors[prior], run_dir,
@@ -115,6 +124,9 @@ def main(argv=None) -> int:
     for seed in seeds:
         for prior in runs:
             variants[f"maskpro_from_{prior}_seed{seed}"] = out / f"export_{prior}_seed{seed}" / "mask"
+            warm = sorted((out / f"maskpro_from_{prior}" / f"seed{seed}").glob("warm_start-*"))
+            if warm:  # the mask the run started from: what the layer-wise stage alone gives
+                variants[f"warm_start_from_{prior}_seed{seed}"] = warm[-1]
     wanted = set(args.variants.split(",")) if args.variants else set(variants)
     results = {}
     for name, mask in variants.items():  # each result cached per variant, so evaluation resumes too
@@ -134,7 +146,7 @@ def main(argv=None) -> int:
     summary = {
         "seqlen": eval_sizes.eval_seqlen, "eval_tokens": results["dense"]["tokens_used"], "eval_dtype": args.eval_dtype,
         "ppl": ppl, "seeds": seeds, "runs": {}, "lr": lrs, "advantage_norm": args.advantage_norm,
-        "overrides": args.override, "train_dtype": args.train_dtype, "samples": sizes.num_samples,
+        "overrides": args.override, "warm_start": args.warm_start, "train_dtype": args.train_dtype, "samples": sizes.num_samples,
         "train_seqlen": sizes.seqlen, "batch_per_rank": sizes.batch_size, "ranks": 2, "wall_s": wall,
         "weights_changed_row": "sparsegpt_weights", "git_commit": git_commit() or "unknown", "cpu": cpu_name(),
         "command": "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -177,7 +189,11 @@ def run_summary(out: Path, prior: str, seed: int, ppl: dict[str, float]) -> dict
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     marker = run_dir / "bench_run.json"
     info = json.loads(marker.read_text()) if marker.is_file() else {"uninterrupted": False, "git_commit": "unknown"}
+    warm = {k: v for r in records for k, v in r.items() if k.startswith("warm_start/")}
+    warm_ppl = ppl.get(f"warm_start_from_{prior}_seed{seed}")
     return {
+        "warm_start_ppl": warm_ppl, "warm_start_vs_prior": warm_ppl / ppl[prior] - 1 if warm_ppl else None,
+        "warm_start_seconds": warm.get("warm_start/seconds"), "warm_start_forwards": warm.get("warm_start/forwards"),
         "ppl": ppl[name], "prior_ppl": ppl[prior], "vs_prior": ppl[name] / ppl[prior] - 1,
         "gap_closed": (ppl[prior] - ppl[name]) / (ppl[prior] - ppl["dense"]),
         "exported_step": export_info["source"].get("step"), "last_step": records[-1]["step"],
