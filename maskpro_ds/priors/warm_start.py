@@ -83,8 +83,10 @@ def samples_forwards(samples: int, batch_size: int) -> int:
     return math.ceil(samples / batch_size)
 
 
-def run_warm_start(cfg: Config, run_dir: Path, info, source_fingerprint: str, base_fingerprint: str) -> WarmStart:
-    """Search (or find) the warm-start mask of this run's inputs; every rank returns its path."""
+def run_warm_start(cfg: Config, run_dir: Path, info, source_fingerprint: str, base_fingerprint: str,
+                   resuming: bool = False) -> WarmStart:
+    """Search (or find) the warm-start mask of this run's inputs; every rank returns its path. A resumed
+    run must find it: a new search would change m0 under logits trained from another one."""
     from maskpro_ds.priors.base import PriorSpec
     from maskpro_ds.priors.make import make_prior
     from maskpro_ds.priors.swap import SwapPriorOptions
@@ -93,6 +95,14 @@ def run_warm_start(cfg: Config, run_dir: Path, info, source_fingerprint: str, ba
     forwards = samples_forwards(cfg.mask.warm_start_samples, cfg.data.batch_size)
     found = distributed.broadcast_object((target / MASK_MANIFEST).is_file() if info.is_main else None)
     seconds = None
+    if resuming and not found:
+        others = sorted(p.name for p in run_dir.glob("warm_start-*"))
+        raise ValueError(
+            f"mask.warm_start: the checkpoint being resumed was trained from "
+            f"{'the warm start ' + ', '.join(others) if others else 'no warm start'}, and this config's inputs "
+            "(mask.prior, data.source, mask.warm_start_samples, data.seqlen, data.add_bos, model.dtype, the base "
+            "model or mask.pattern) would make another; resume with the run's own config.yaml, or train a new "
+            "train.run_dir")
     if found:
         logger.info("warm start: reusing %s (same prior, text, windows and base)", target)
     else:

@@ -114,7 +114,7 @@ class Trainer:
                 raise ValueError(f"mask.warm_start = {cfg.mask.warm_start} runs only through the training CLI "
                                  "(launchers/train.py, maskpro-train); set it to none here")
             self.warm = self.run_warm_start(cfg, self.run_dir, self.info, self.samples.source_fingerprint,
-                                            self.base_fingerprint)
+                                            self.base_fingerprint, resuming=manifest is not None)
         self.prior_path = str(self.warm.path) if self.warm else cfg.mask.prior
         self.prior_identity = init_from_prior(cfg, self.store, self.targets, self.prior_path, self.info,
                                               self.base_fingerprint)

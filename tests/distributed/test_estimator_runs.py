@@ -164,3 +164,8 @@ def test_warm_start_two_ranks_match_reference_and_resume_reuses_it(setup):
     assert lines[0]["step"] == 0 and lines[0]["warm_start/forwards"] == 4  # 8 windows, batch 2
     assert [x["train/lr"] for x in lines[1:]] == [1.5] * STEPS  # no guard trip: the reference's lr holds
     assert [x["train/forwards"] for x in lines[1:]] == [num_rounds(16, 2, 2) + 4 + s for s in range(1, STEPS + 1)]
+    # Resuming with inputs that would make another warm start is refused before anything is searched.
+    proc = torchrun(2, [*args, "--resume", "--train.steps=12", "--mask.warm_start_samples=6"], check=False)
+    assert proc.returncode != 0
+    assert "mask.warm_start: the checkpoint being resumed was trained from the warm start" in proc.stderr + proc.stdout
+    assert sorted(run_dir.glob("warm_start-*")) == warm_dirs
